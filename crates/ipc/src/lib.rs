@@ -18,6 +18,7 @@
 
 mod channel;
 pub mod frame;
+pub mod proto;
 pub mod state;
 pub mod stats;
 mod transport;

@@ -1,1 +1,17 @@
-pub fn x() {}
+//! Supervision of runner processes: spawning them orphan-proof
+//! ([`process`]), watching them ([`runner_handle`]), running an instance of
+//! N runners through startup, service and the three-phase shutdown
+//! ([`instance`], [`shutdown`]), restarting by policy ([`restart`]),
+//! cleaning up resources in dependency order ([`resources`]), and the
+//! node's state directory ([`statedir`]).
+//!
+//! The supervisor knows nothing about models, HTTP or other nodes.
+
+pub mod instance;
+pub mod logs;
+pub mod process;
+pub mod resources;
+pub mod restart;
+pub mod runner_handle;
+pub mod shutdown;
+pub mod statedir;

@@ -1,0 +1,267 @@
+//! The HTTP API (OpenAI-compatible chat plus instance management). Handlers
+//! only translate between HTTP and [`Node`] operations; every error leaves
+//! in OpenAI's error shape with a message that says what was wrong.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use ipc::proto::TaskOutcome;
+use ipc::ShutdownMode;
+use serde::Deserialize;
+use supervisor::instance::{SubmitError, TaskEvent, TaskStream, TaskSubmit};
+
+use crate::node::{CreateInstance, Node, NodeError};
+use crate::openai::{self, ChatRequest, ErrorBody, Usage};
+
+/// Default completion length when the request names none.
+const DEFAULT_MAX_TOKENS: u32 = 64;
+/// Largest completion a request may ask for.
+const MAX_TOKENS_LIMIT: u32 = 32_768;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/state", get(state))
+        .route("/instance", post(create_instance))
+        .route("/instance/{id}", get(get_instance).delete(delete_instance))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/cancel/{task_id}", post(cancel))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+/// An API error: a status and an OpenAI-shaped body.
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, ErrorBody::new("invalid_request_error", message))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let (status, kind) = match &e {
+            NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error"),
+            NodeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable_error"),
+        };
+        ApiError(status, ErrorBody::new(kind, e.to_string()))
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorBody::new("unavailable_error", e.to_string()))
+    }
+}
+
+/// Parses a JSON body with an error that names the problem and its place.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("invalid {what} body: {e} (line {}, column {})", e.line(), e.column()))
+    })
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, ErrorBody::new("not_found_error", "no such endpoint"))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn state(State(node): State<Arc<Node>>) -> Json<crate::node::NodeState> {
+    Json(node.state())
+}
+
+async fn create_instance(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CreateInstance = parse_json(&body, "POST /instance")?;
+    let handle = node.create_instance(req)?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"instance_id": handle.instance_id}))).into_response())
+}
+
+async fn get_instance(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(node.instance(&id)?.view()).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    mode: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+async fn delete_instance(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let mode = match params.mode.as_deref() {
+        None | Some("drain") => ShutdownMode::Drain,
+        Some("cancel") => ShutdownMode::Cancel,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("mode must be drain or cancel, got {other:?}")))
+        }
+    };
+    let report = node.delete_instance(&id, mode, params.timeout_ms.map(Duration::from_millis)).await?;
+    Ok(Json(report).into_response())
+}
+
+async fn models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let data: Vec<_> = node
+        .state()
+        .instances
+        .iter()
+        .map(|i| serde_json::json!({"id": i.instance_id, "object": "model", "owned_by": i.model, "state": i.state.name()}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+async fn cancel(State(node): State<Arc<Node>>, Path(task_id): Path<String>) -> Result<Response, ApiError> {
+    let not_found = || NodeError::NotFound(format!("no task {task_id:?} in flight on this node"));
+    let handle = node.instance_of_task(&task_id).ok_or_else(not_found)?;
+    if !handle.cancel(&task_id).await {
+        return Err(not_found().into());
+    }
+    Ok(Json(serde_json::json!({"task_id": task_id, "cancelled": true})).into_response())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_json(&body, "chat completion")?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must hold at least one message"));
+    }
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
+        )));
+    }
+    let handle = node.resolve(&req.model)?;
+    let prompt = req
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .unwrap_or(&req.messages[req.messages.len() - 1])
+        .content
+        .clone();
+    let trace_id = format!("{:016x}", fastrand::u64(..));
+    let task = handle.submit(TaskSubmit { prompt, max_tokens, trace_id }).await?;
+    let model = handle.instance_id.clone();
+    if req.stream {
+        Ok(stream_response(task, model).into_response())
+    } else {
+        collect_response(task, model).await
+    }
+}
+
+async fn collect_response(mut task: TaskStream, model: String) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = task.next().await {
+        match event {
+            TaskEvent::Token(t) => text.push_str(&t),
+            TaskEvent::Done(outcome) => {
+                let (finish, usage) = match outcome {
+                    TaskOutcome::Completed { prompt_tokens, completion_tokens, finish_reason } => (
+                        finish_reason,
+                        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+                    ),
+                    TaskOutcome::Cancelled { .. } => {
+                        ("cancelled".to_string(), Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 })
+                    }
+                    TaskOutcome::Failed { cause } => {
+                        return Err(ApiError(StatusCode::BAD_GATEWAY, ErrorBody::new("runner_error", cause)))
+                    }
+                };
+                let id = format!("chatcmpl-{}", task.task_id);
+                let body = openai::completion_json(&id, &model, now_unix(), &text, &finish, usage);
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError(StatusCode::BAD_GATEWAY, ErrorBody::new("runner_error", "task ended without an outcome")))
+}
+
+enum StreamState {
+    Start(TaskStream),
+    Streaming(TaskStream),
+    Finished,
+}
+
+fn stream_response(task: TaskStream, model: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let created = now_unix();
+    let id = format!("chatcmpl-{}", task.task_id);
+    let events = stream::unfold(StreamState::Start(task), move |state| {
+        let id = id.clone();
+        let model = model.clone();
+        async move {
+            let data = |v: serde_json::Value| Event::default().data(v.to_string());
+            match state {
+                StreamState::Start(task) => {
+                    let role = serde_json::json!({"role": "assistant", "content": ""});
+                    let first = data(openai::chunk_json(&id, &model, created, role, None, None));
+                    Some((vec![first], StreamState::Streaming(task)))
+                }
+                StreamState::Streaming(mut task) => match task.next().await {
+                    Some(TaskEvent::Token(text)) => {
+                        let delta = serde_json::json!({"content": text});
+                        let chunk = data(openai::chunk_json(&id, &model, created, delta, None, None));
+                        Some((vec![chunk], StreamState::Streaming(task)))
+                    }
+                    Some(TaskEvent::Done(outcome)) => {
+                        let events = match outcome {
+                            TaskOutcome::Completed { prompt_tokens, completion_tokens, finish_reason } => {
+                                let usage = Usage {
+                                    prompt_tokens,
+                                    completion_tokens,
+                                    total_tokens: prompt_tokens + completion_tokens,
+                                };
+                                let end = openai::chunk_json(&id, &model, created, serde_json::json!({}), Some(&finish_reason), Some(usage));
+                                vec![data(end), Event::default().data("[DONE]")]
+                            }
+                            TaskOutcome::Cancelled { .. } => {
+                                let end = openai::chunk_json(&id, &model, created, serde_json::json!({}), Some("cancelled"), None);
+                                vec![data(end), Event::default().data("[DONE]")]
+                            }
+                            TaskOutcome::Failed { cause } => {
+                                let body = serde_json::to_value(ErrorBody::new("runner_error", cause)).unwrap_or_default();
+                                vec![data(body)]
+                            }
+                        };
+                        Some((events, StreamState::Finished))
+                    }
+                    None => {
+                        let body = ErrorBody::new("runner_error", "task ended without an outcome");
+                        Some((vec![data(serde_json::to_value(body).unwrap_or_default())], StreamState::Finished))
+                    }
+                },
+                StreamState::Finished => None,
+            }
+        }
+    });
+    let flat = futures_util::StreamExt::flat_map(events, |batch| stream::iter(batch.into_iter().map(Ok)));
+    Sse::new(flat)
+}

@@ -1,0 +1,330 @@
+//! Command-line interface. Each command is a thin wrapper over library
+//! operations: [`Node`] for `serve` and `run`, the HTTP client for `status`
+//! and `inspect`, the runner crate for `runner`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ipc::proto::TaskOutcome;
+use ipc::ShutdownMode;
+use supervisor::instance::{InstanceView, TaskEvent, TaskSubmit};
+use supervisor::shutdown::ShutdownReport;
+use supervisor::statedir::StateDir;
+
+use crate::logging::{self, LogFormat};
+use crate::node::{CreateInstance, Node};
+
+#[derive(Debug, Parser)]
+#[command(name = "shardvisor", version, about = "Run a model split across runner processes, race-free")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node daemon with its HTTP API.
+    Serve(ServeArgs),
+    /// One shot: start an embedded node, create an instance, stream one
+    /// prompt, delete the instance and print its shutdown report.
+    Run(RunArgs),
+    /// Show a running node's instances and runners.
+    Status(RemoteArgs),
+    /// Show a running node's runners with their channel stats.
+    Inspect(RemoteArgs),
+    /// Internal: the runner process, started by a node.
+    #[command(hide = true)]
+    Runner(RunnerCliArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "0.0.0.0:52415")]
+    pub listen: SocketAddr,
+    /// State directory (default $XDG_STATE_HOME/shardvisor or ~/.local/state/shardvisor).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The prompt to answer.
+    #[arg(default_value = "Hello from a model split across runner processes")]
+    pub prompt: String,
+    #[arg(long, default_value = "scripted")]
+    pub model: String,
+    #[arg(long, default_value_t = 2)]
+    pub runners: u32,
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Delay per scripted token.
+    #[arg(long, default_value_t = 20)]
+    pub token_delay_ms: u64,
+    /// State directory (default: a fresh temporary one).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// The node's API address.
+    #[arg(long, default_value = "http://127.0.0.1:52415")]
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunnerCliArgs {
+    #[arg(long)]
+    pub instance: String,
+    #[arg(long)]
+    pub runner_id: String,
+    #[arg(long)]
+    pub rank: u32,
+    #[arg(long)]
+    pub world_size: u32,
+    #[arg(long)]
+    pub engine_config: String,
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn main(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Runner(args) => {
+            logging::init_runner();
+            Ok(runner::run(runner::RunnerArgs {
+                instance_id: args.instance,
+                runner_id: args.runner_id,
+                rank: args.rank,
+                world_size: args.world_size,
+                engine_config: args.engine_config,
+            }))
+        }
+        Command::Serve(args) => {
+            logging::init(cli.log_format, "info");
+            runtime()?.block_on(serve(args))?;
+            Ok(0)
+        }
+        Command::Run(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime()?.block_on(run(args))
+        }
+        Command::Status(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime()?.block_on(status(args, false))?;
+            Ok(0)
+        }
+        Command::Inspect(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime()?.block_on(status(args, true))?;
+            Ok(0)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn program() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the shardvisor binary to start runners from")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminate_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = args.state_dir.unwrap_or_else(StateDir::default_path);
+    let node = Node::start(&state_dir, program()?)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, state_dir = %state_dir.display(), "node serving");
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_node = node.clone();
+    tokio::spawn(async move {
+        terminate_signal().await;
+        tracing::info!("signal received: shutting down every instance");
+        let reports = shutdown_node.shutdown_all(ShutdownMode::Drain).await;
+        let unclean = reports.iter().filter(|r| !r.is_clean()).count();
+        tracing::info!(instances = reports.len(), unclean, "instances shut down");
+        let _ = stopped_tx.send(());
+    });
+    let app = crate::api::router(node);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stopped_rx.await;
+    });
+    // Open connections get a bounded time to finish once instances are down.
+    server.await?;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let temp = args.state_dir.is_none().then(|| std::env::temp_dir().join(format!("shardvisor-run-{}", std::process::id())));
+    let state_dir = args.state_dir.clone().or_else(|| temp.clone()).context("no state dir")?;
+    let node = Node::start(&state_dir, program()?)?;
+    let result = run_once(&node, &args).await;
+    drop(node);
+    if let Some(temp) = temp {
+        let _ = std::fs::remove_dir_all(temp);
+    }
+    result
+}
+
+async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let scripted = runner::scripted::ScriptedConfig { token_delay_ms: args.token_delay_ms, ..Default::default() };
+    let request = CreateInstance {
+        model: args.model.clone(),
+        runners: args.runners,
+        scripted: Some(scripted),
+        timeouts: None,
+        restart: Some(supervisor::restart::RestartConfig { max_restarts: 0, ..Default::default() }),
+    };
+    let handle = node.create_instance(request)?;
+    let mut err = std::io::stderr();
+    writeln!(err, "instance {} with {} runners: starting", handle.instance_id, args.runners)?;
+    if let Err(cause) = handle.wait_ready().await {
+        bail!("instance did not start: {cause}");
+    }
+    writeln!(err, "ready in {:.1} ms\n", started.elapsed().as_secs_f64() * 1000.0)?;
+    let mut task = handle
+        .submit(TaskSubmit { prompt: args.prompt.clone(), max_tokens: args.max_tokens, trace_id: "run".into() })
+        .await?;
+    let mut out = std::io::stdout();
+    let mut code = 0;
+    while let Some(event) = task.next().await {
+        match event {
+            TaskEvent::Token(text) => {
+                write!(out, "{text}")?;
+                out.flush()?;
+            }
+            TaskEvent::Done(TaskOutcome::Completed { completion_tokens, finish_reason, .. }) => {
+                writeln!(out)?;
+                writeln!(err, "\n[{completion_tokens} tokens, finish_reason={finish_reason}]")?;
+            }
+            TaskEvent::Done(other) => {
+                writeln!(out)?;
+                writeln!(err, "\ntask did not complete: {other:?}")?;
+                code = 1;
+            }
+        }
+    }
+    let report = node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None).await?;
+    print_report(&report);
+    if !report.is_clean() {
+        code = 1;
+    }
+    Ok(code)
+}
+
+fn print_report(report: &ShutdownReport) {
+    eprintln!("shutdown of {} ({:?}, {}): {:.1} ms", report.instance_id, report.mode, report.reason, report.total_ms);
+    for phase in &report.phases {
+        let note = if phase.timed_out { " (deadline reached)" } else { "" };
+        eprintln!("  {:<10} {:>8.1} ms{note}", format!("{:?}", phase.phase).to_lowercase(), phase.duration_ms);
+    }
+    eprintln!(
+        "  tasks: {} drained, {} cancelled, {} failed",
+        report.tasks_drained, report.tasks_cancelled, report.tasks_failed
+    );
+    for runner in &report.runners {
+        let exit = runner.exit.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        eprintln!("  runner {:<16} ended={} exit={exit}", runner.runner_id, runner.ended);
+    }
+    for line in &report.escalations {
+        eprintln!("  escalation: {line}");
+    }
+    for line in &report.errors {
+        eprintln!("  error: {line}");
+    }
+    if report.is_clean() {
+        eprintln!("  clean: no escalation, no error");
+    }
+}
+
+async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
+    let url = format!("{}/state", args.node.trim_end_matches('/'));
+    let (code, body) = crate::client::request("GET", &url, None).await?;
+    if code != 200 {
+        bail!("{url} answered {code}: {body}");
+    }
+    let state: serde_json::Value = serde_json::from_str(&body).context("node state is not JSON")?;
+    let instances: Vec<InstanceView> = Vec::new();
+    let _ = instances;
+    let node = &state["node"];
+    println!("node pid {} state_dir {} up {} ms", node["pid"], node["state_dir"], node["uptime_ms"]);
+    let empty = Vec::new();
+    let list = state["instances"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        println!("no instances");
+    }
+    for instance in list {
+        println!(
+            "\ninstance {}  model {}  state {}  tasks {}  restarts {}",
+            instance["instance_id"].as_str().unwrap_or("?"),
+            instance["model"].as_str().unwrap_or("?"),
+            instance["state"]["state"].as_str().unwrap_or("?"),
+            instance["tasks_in_flight"],
+            instance["restarts"],
+        );
+        if let Some(cause) = instance["failure"]["message"].as_str() {
+            println!("  failure: {cause}");
+        }
+        if inspect {
+            println!(
+                "  {:<16} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
+                "runner", "pid", "state", "channel", "sent", "recv", "queued", "bytes_in", "idle_ms"
+            );
+        } else {
+            println!("  {:<16} {:>7} {:<14} {}", "runner", "pid", "state", "exit");
+        }
+        for runner in instance["runners"].as_array().unwrap_or(&empty) {
+            let ch = &runner["channel"];
+            if inspect {
+                println!(
+                    "  {:<16} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
+                    runner["runner_id"].as_str().unwrap_or("?"),
+                    runner["pid"].to_string(),
+                    runner["state"]["state"].as_str().unwrap_or("?"),
+                    ch["state"].as_str().unwrap_or("-"),
+                    ch["sent"].to_string(),
+                    ch["received"].to_string(),
+                    ch["queued"].to_string(),
+                    ch["bytes_received"].to_string(),
+                    ch["idle_ms"].to_string(),
+                );
+            } else {
+                println!(
+                    "  {:<16} {:>7} {:<14} {}",
+                    runner["runner_id"].as_str().unwrap_or("?"),
+                    runner["pid"].to_string(),
+                    runner["state"]["state"].as_str().unwrap_or("?"),
+                    runner["exit"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+    }
+    if inspect {
+        let channels = state["channels"].as_array().map(|c| c.len()).unwrap_or(0);
+        println!("\n{channels} channels open in the node process");
+    }
+    Ok(())
+}

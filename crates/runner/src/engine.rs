@@ -1,0 +1,40 @@
+//! The engine interface a runner drives: load with progress, warm up,
+//! generate token by token, and let go of a task at any step (cancel).
+//!
+//! An engine is synchronous and runs on the runner's engine thread: model
+//! compute blocks, and must never block the loop that answers pings.
+//! Cancellation needs no engine support: the engine thread checks a task's
+//! cancel flag between steps, so a cancel takes effect within one token.
+
+use ipc::proto::TaskRequest;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub String);
+
+/// What one decoding step produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A piece of output text for the client (the rank that samples).
+    Token(String),
+    /// A step done with nothing to emit (ranks that do not sample).
+    Progress,
+    /// The task is complete.
+    Finished { finish_reason: String, completion_tokens: u32 },
+}
+
+pub trait Engine: Send + 'static {
+    /// Per-task state (KV cache, sampler, position).
+    type Task: Send;
+
+    /// Sets up links to peer runners.
+    fn connect(&mut self, peers: &[String]) -> Result<(), EngineError>;
+    /// Loads weights, calling `progress(done, total)` as it goes.
+    fn load(&mut self, progress: &mut dyn FnMut(u32, u32)) -> Result<(), EngineError>;
+    /// Runs a real forward pass so the first request is not the slow one.
+    fn warm_up(&mut self) -> Result<(), EngineError>;
+    /// Starts a task; returns its state and its prompt length in tokens.
+    fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), EngineError>;
+    /// One decoding step of `task`.
+    fn step(&mut self, task: &mut Self::Task) -> Result<Step, EngineError>;
+}

@@ -1,0 +1,97 @@
+//! Scripted faults: a named failure injected at a named phase, so tests can
+//! drive a runner through every phase × fault combination with real
+//! processes and real signals.
+
+use ipc::proto::Phase;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSpec {
+    /// Rank of the runner that misbehaves.
+    pub runner: u32,
+    pub phase: FaultPhase,
+    #[serde(flatten)]
+    pub kind: FaultKind,
+}
+
+/// Phases a fault can be injected at (DESIGN §3 names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultPhase {
+    Connecting,
+    Loading,
+    WarmingUp,
+    Ready,
+    Running,
+    ShuttingDown,
+}
+
+impl FaultPhase {
+    pub const ALL: [FaultPhase; 6] = [
+        FaultPhase::Connecting,
+        FaultPhase::Loading,
+        FaultPhase::WarmingUp,
+        FaultPhase::Ready,
+        FaultPhase::Running,
+        FaultPhase::ShuttingDown,
+    ];
+
+    pub fn phase(self) -> Phase {
+        match self {
+            FaultPhase::Connecting => Phase::Connecting,
+            FaultPhase::Loading => Phase::Loading,
+            FaultPhase::WarmingUp => Phase::WarmingUp,
+            FaultPhase::Ready => Phase::Ready,
+            FaultPhase::Running => Phase::Running,
+            FaultPhase::ShuttingDown => Phase::ShuttingDown,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FaultKind {
+    /// `panic!` on the runner's main thread (exit code 101).
+    Panic,
+    /// `exit(code)`.
+    Exit {
+        #[serde(default = "default_exit_code")]
+        code: i32,
+    },
+    /// `abort()`: SIGABRT.
+    Abort,
+    /// SIGKILL to itself.
+    Kill,
+    /// The main loop blocks: no pong, no progress.
+    Hang,
+    /// Ignores SIGTERM and stops making progress while still answering pings,
+    /// so only a deadline and SIGKILL end it.
+    IgnoreSigterm,
+    /// Shutdown's drain waits `delay_ms` before it starts, still answering pings.
+    SlowDrain {
+        #[serde(default = "default_slow_drain_ms")]
+        delay_ms: u64,
+    },
+}
+
+impl FaultKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultKind::Panic => "panic",
+            FaultKind::Exit { .. } => "exit",
+            FaultKind::Abort => "abort",
+            FaultKind::Kill => "kill",
+            FaultKind::Hang => "hang",
+            FaultKind::IgnoreSigterm => "ignore_sigterm",
+            FaultKind::SlowDrain { .. } => "slow_drain",
+        }
+    }
+}
+
+fn default_exit_code() -> i32 {
+    3
+}
+
+fn default_slow_drain_ms() -> u64 {
+    60_000
+}

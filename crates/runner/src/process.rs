@@ -1,0 +1,552 @@
+//! The runner's main loop: one task owns the node channel and the runner
+//! state; the engine runs on its own thread and reports through a bounded
+//! queue; faults fire at phase boundaries.
+//!
+//! Invariants:
+//! * Every status change is sent to the node in order, so the node sees the
+//!   exact state sequence (DESIGN §3).
+//! * Every task admitted gets exactly one `TaskDone`, from the engine thread
+//!   (completed, cancelled or failed); a message that does not fit the
+//!   state gets a `Rejected` reply (a task gets a failed `TaskDone`).
+//! * The runner exits 0 only after `Status(Shutdown)` and its `End` were
+//!   flushed and the node's `End` arrived (or the close deadline passed);
+//!   on `PeerLost` from the node it exits 2 at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc::proto::{FromRunner, Phase, RunnerState, TaskOutcome, TaskRequest, ToRunner};
+use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::engine::{Engine, Step};
+use crate::fault::{FaultKind, FaultPhase, FaultSpec};
+use crate::lifecycle;
+use crate::scripted::{ScriptedConfig, ScriptedEngine};
+
+/// The node channel, inherited as this fd.
+pub const IPC_FD: i32 = 3;
+/// The runner's lock file (held for the runner's life), inherited as this fd.
+pub const LOCK_FD: i32 = 4;
+
+/// How long the runner waits for the node's `End` after sending its own.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct RunnerArgs {
+    pub instance_id: String,
+    pub runner_id: String,
+    pub rank: u32,
+    pub world_size: u32,
+    /// Engine configuration as JSON (the scripted engine's for now).
+    pub engine_config: String,
+}
+
+/// Runs the runner process to its end; returns the exit code.
+pub fn run(args: RunnerArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runner {}: cannot start its runtime: {e}", args.runner_id);
+            return 1;
+        }
+    };
+    let span = tracing::info_span!(
+        "runner",
+        instance = %args.instance_id,
+        runner = %args.runner_id,
+        rank = args.rank
+    );
+    let _entered = span.enter();
+    runtime.block_on(main_loop(args))
+}
+
+/// Why a task's cancel flag was raised.
+const CANCEL_NONE: u8 = 0;
+const CANCEL_CLIENT: u8 = 1;
+const CANCEL_SHUTDOWN: u8 = 2;
+const CANCEL_DEADLINE: u8 = 3;
+
+fn cancel_reason(code: u8) -> &'static str {
+    match code {
+        CANCEL_CLIENT => "cancelled by the client",
+        CANCEL_SHUTDOWN => "instance shutting down (cancel mode)",
+        _ => "drain deadline reached",
+    }
+}
+
+enum EngineCmd {
+    Connect(Vec<String>),
+    Load,
+    WarmUp,
+    Start(TaskRequest, Arc<AtomicU8>),
+}
+
+enum EngineEvent {
+    Progress { done: u32, total: u32 },
+    PhaseDone { phase: Phase, result: Result<(), String> },
+    Step { task_id: String, index: u32, text: Option<String> },
+    TaskDone { task_id: String, outcome: TaskOutcome },
+}
+
+struct Active<T> {
+    task_id: String,
+    task: T,
+    cancel: Arc<AtomicU8>,
+    prompt_tokens: u32,
+    index: u32,
+}
+
+/// The engine thread: takes commands, and round-robins one step per active
+/// task between them, so tasks interleave and a cancel lands within a token.
+fn engine_thread<E: Engine>(
+    mut engine: E,
+    cmds: std::sync::mpsc::Receiver<EngineCmd>,
+    events: mpsc::Sender<EngineEvent>,
+) {
+    let mut active: VecDeque<Active<E::Task>> = VecDeque::new();
+    let send = |ev: EngineEvent| events.blocking_send(ev).is_ok();
+    loop {
+        let cmd = if active.is_empty() {
+            match cmds.recv() {
+                Ok(cmd) => Some(cmd),
+                Err(_) => return,
+            }
+        } else {
+            match cmds.try_recv() {
+                Ok(cmd) => Some(cmd),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        };
+        let ok = match cmd {
+            None => true,
+            Some(EngineCmd::Connect(peers)) => send(EngineEvent::PhaseDone {
+                phase: Phase::Connecting,
+                result: engine.connect(&peers).map_err(|e| e.0),
+            }),
+            Some(EngineCmd::Load) => {
+                let progress_events = events.clone();
+                let result = engine.load(&mut |done, total| {
+                    let _ = progress_events.blocking_send(EngineEvent::Progress { done, total });
+                });
+                send(EngineEvent::PhaseDone { phase: Phase::Loading, result: result.map_err(|e| e.0) })
+            }
+            Some(EngineCmd::WarmUp) => send(EngineEvent::PhaseDone {
+                phase: Phase::WarmingUp,
+                result: engine.warm_up().map_err(|e| e.0),
+            }),
+            Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
+                Ok((task, prompt_tokens)) => {
+                    active.push_back(Active {
+                        task_id: request.task_id,
+                        task,
+                        cancel,
+                        prompt_tokens,
+                        index: 0,
+                    });
+                    true
+                }
+                Err(e) => send(EngineEvent::TaskDone {
+                    task_id: request.task_id,
+                    outcome: TaskOutcome::Failed { cause: e.0 },
+                }),
+            },
+        };
+        if !ok {
+            return;
+        }
+        let Some(mut a) = active.pop_front() else { continue };
+        let cancel = a.cancel.load(Ordering::Acquire);
+        let event = if cancel != CANCEL_NONE {
+            EngineEvent::TaskDone {
+                task_id: a.task_id,
+                outcome: TaskOutcome::Cancelled { reason: cancel_reason(cancel).into() },
+            }
+        } else {
+            match engine.step(&mut a.task) {
+                Ok(Step::Token(text)) => {
+                    let ev = EngineEvent::Step { task_id: a.task_id.clone(), index: a.index, text: Some(text) };
+                    a.index += 1;
+                    active.push_back(a);
+                    ev
+                }
+                Ok(Step::Progress) => {
+                    let ev = EngineEvent::Step { task_id: a.task_id.clone(), index: a.index, text: None };
+                    a.index += 1;
+                    active.push_back(a);
+                    ev
+                }
+                Ok(Step::Finished { finish_reason, completion_tokens }) => EngineEvent::TaskDone {
+                    task_id: a.task_id,
+                    outcome: TaskOutcome::Completed {
+                        prompt_tokens: a.prompt_tokens,
+                        completion_tokens,
+                        finish_reason,
+                    },
+                },
+                Err(e) => EngineEvent::TaskDone {
+                    task_id: a.task_id,
+                    outcome: TaskOutcome::Failed { cause: e.0 },
+                },
+            }
+        };
+        if !send(event) {
+            return;
+        }
+    }
+}
+
+struct Runner {
+    args: RunnerArgs,
+    tx: ipc::Sender<FromRunner>,
+    state: RunnerState,
+    engine: Option<std::sync::mpsc::Sender<EngineCmd>>,
+    engine_thread: Option<std::thread::JoinHandle<()>>,
+    tasks: HashMap<String, Arc<AtomicU8>>,
+    fault: Option<FaultSpec>,
+    /// Set by `ignore_sigterm`: only pings are answered from then on.
+    stalled: bool,
+    slow_drain: Option<Duration>,
+    shutdown: Option<ShutdownPlan>,
+}
+
+struct ShutdownPlan {
+    drain_deadline: Instant,
+    /// Draining may finish only from this instant (slow_drain).
+    drain_from: Instant,
+    /// Set once our `End` is queued.
+    close_deadline: Option<Instant>,
+    deadline_passed: bool,
+}
+
+impl Runner {
+    async fn send(&self, msg: FromRunner) {
+        if let Err(e) = self.tx.send(msg).await {
+            // Only possible once the node is gone; the receive side reports
+            // that as PeerLost and the runner exits there.
+            tracing::debug!(error = %e, "message to node not sent");
+        }
+    }
+
+    async fn set_state(&mut self, state: RunnerState) {
+        tracing::debug!(state = state.name(), "state");
+        self.state = state.clone();
+        self.send(FromRunner::Status(state)).await;
+    }
+
+    fn engine(&self, cmd: EngineCmd) {
+        if let Some(engine) = &self.engine {
+            // The engine thread only stops when this sender is dropped.
+            let _ = engine.send(cmd);
+        }
+    }
+
+    /// Fires the scripted fault if it is for this runner and this phase.
+    fn maybe_fault(&mut self, phase: FaultPhase) {
+        let Some(fault) = &self.fault else { return };
+        if fault.runner != self.args.rank || fault.phase != phase {
+            return;
+        }
+        let kind = fault.kind.clone();
+        self.fault = None;
+        let at = phase.phase();
+        eprintln!("scripted fault: {} at {at}", kind.name());
+        match kind {
+            FaultKind::Panic => panic!("scripted fault: panic at {at}"),
+            FaultKind::Exit { code } => std::process::exit(code),
+            FaultKind::Abort => std::process::abort(),
+            FaultKind::Kill => {
+                // SAFETY: kill(2) with our own pid and a valid signal number.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            FaultKind::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            FaultKind::IgnoreSigterm => {
+                // SAFETY: installing SIG_IGN for SIGTERM has no preconditions.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                self.stalled = true;
+            }
+            FaultKind::SlowDrain { delay_ms } => self.slow_drain = Some(Duration::from_millis(delay_ms)),
+        }
+    }
+
+    async fn on_data(&mut self, msg: ToRunner) {
+        if let Err(reason) = lifecycle::admit(&self.state, &msg) {
+            tracing::debug!(%reason, "rejected");
+            match msg {
+                ToRunner::Task(request) => {
+                    self.send(FromRunner::TaskDone {
+                        task_id: request.task_id,
+                        outcome: TaskOutcome::Failed { cause: format!("runner {}: {reason}", self.args.runner_id) },
+                    })
+                    .await
+                }
+                other => {
+                    let request = lifecycle::request_name(&other).to_string();
+                    self.send(FromRunner::Rejected { request, reason }).await
+                }
+            }
+            return;
+        }
+        match msg {
+            ToRunner::Connect { peers } => {
+                self.set_state(RunnerState::Connecting).await;
+                self.maybe_fault(FaultPhase::Connecting);
+                self.engine(EngineCmd::Connect(peers));
+            }
+            ToRunner::Load => {
+                self.set_state(RunnerState::Loading { done: 0, total: 0 }).await;
+                self.maybe_fault(FaultPhase::Loading);
+                self.engine(EngineCmd::Load);
+            }
+            ToRunner::WarmUp => {
+                self.set_state(RunnerState::WarmingUp).await;
+                self.maybe_fault(FaultPhase::WarmingUp);
+                self.engine(EngineCmd::WarmUp);
+            }
+            ToRunner::Task(request) => {
+                tracing::debug!(task = %request.task_id, trace = %request.trace_id, "task admitted");
+                let cancel = Arc::new(AtomicU8::new(CANCEL_NONE));
+                self.tasks.insert(request.task_id.clone(), cancel.clone());
+                let n = self.tasks.len() as u32;
+                self.set_state(RunnerState::Running { tasks: n }).await;
+                self.engine(EngineCmd::Start(request, cancel));
+            }
+        }
+    }
+
+    async fn on_engine(&mut self, event: EngineEvent) {
+        match event {
+            EngineEvent::Progress { done, total } => {
+                if matches!(self.state, RunnerState::Loading { .. }) {
+                    self.set_state(RunnerState::Loading { done, total }).await;
+                }
+            }
+            EngineEvent::PhaseDone { phase, result: Err(cause) } => {
+                tracing::error!(%phase, %cause, "phase failed");
+                self.set_state(RunnerState::Failed { phase, cause }).await;
+            }
+            EngineEvent::PhaseDone { phase, result: Ok(()) } => match phase {
+                Phase::Connecting => self.set_state(RunnerState::Connected).await,
+                Phase::Loading => self.set_state(RunnerState::Loaded).await,
+                Phase::WarmingUp => {
+                    self.set_state(RunnerState::Ready).await;
+                    self.maybe_fault(FaultPhase::Ready);
+                }
+                _ => {}
+            },
+            EngineEvent::Step { task_id, index, text } => {
+                self.maybe_fault(FaultPhase::Running);
+                if let Some(text) = text {
+                    self.send(FromRunner::Token { task_id, index, text }).await;
+                }
+            }
+            EngineEvent::TaskDone { task_id, outcome } => {
+                self.tasks.remove(&task_id);
+                tracing::debug!(task = %task_id, ?outcome, "task done");
+                self.send(FromRunner::TaskDone { task_id, outcome }).await;
+                if self.shutdown.is_none() {
+                    let state = match self.tasks.len() as u32 {
+                        0 => RunnerState::Ready,
+                        n => RunnerState::Running { tasks: n },
+                    };
+                    self.set_state(state).await;
+                }
+            }
+        }
+    }
+
+    /// The next instant the shutdown plan needs the loop to wake up at.
+    fn next_wake(&self) -> Option<Instant> {
+        let plan = self.shutdown.as_ref()?;
+        if let Some(close) = plan.close_deadline {
+            return Some(close);
+        }
+        let drain_deadline = (!plan.deadline_passed).then_some(plan.drain_deadline);
+        let drain_from = (Instant::now() < plan.drain_from).then_some(plan.drain_from);
+        match (drain_deadline, drain_from) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn cancel_all(&self, code: u8) {
+        for flag in self.tasks.values() {
+            let _ = flag.compare_exchange(CANCEL_NONE, code, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    async fn begin_shutdown(&mut self, mode: ShutdownMode, deadline: Duration) {
+        if let Some(_plan) = &self.shutdown {
+            if mode == ShutdownMode::Cancel {
+                self.cancel_all(CANCEL_SHUTDOWN);
+            }
+            return;
+        }
+        self.maybe_fault(FaultPhase::ShuttingDown);
+        if self.stalled {
+            return;
+        }
+        let now = Instant::now();
+        self.shutdown = Some(ShutdownPlan {
+            drain_deadline: now + deadline,
+            drain_from: now + self.slow_drain.unwrap_or_default(),
+            close_deadline: None,
+            deadline_passed: false,
+        });
+        tracing::debug!(?mode, deadline_ms = deadline.as_millis() as u64, tasks = self.tasks.len(), "shutting down");
+        self.set_state(RunnerState::ShuttingDown).await;
+        if mode == ShutdownMode::Cancel {
+            self.cancel_all(CANCEL_SHUTDOWN);
+        }
+    }
+
+    /// Finishes the drain once every task has its outcome: the last status,
+    /// then `End`. Returns true when `End` was queued now.
+    async fn maybe_finish_drain(&mut self) -> bool {
+        let ready = match &self.shutdown {
+            Some(plan) => {
+                plan.close_deadline.is_none() && self.tasks.is_empty() && Instant::now() >= plan.drain_from
+            }
+            None => false,
+        };
+        if !ready {
+            return false;
+        }
+        // The engine thread ends when its command queue closes; it is idle
+        // (no tasks), so joining it is immediate.
+        self.engine = None;
+        if let Some(thread) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.set_state(RunnerState::Shutdown).await;
+        let _ = self.tx.close("shutdown").await;
+        if let Some(plan) = &mut self.shutdown {
+            plan.close_deadline = Some(Instant::now() + CLOSE_WAIT);
+        }
+        true
+    }
+}
+
+async fn main_loop(args: RunnerArgs) -> i32 {
+    // SAFETY: the node passes the channel socket as fd 3 and nothing else in
+    // this process owns that fd.
+    let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(IPC_FD) };
+    let stream = match std_stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(std_stream)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("runner {}: fd {IPC_FD} is not the node's channel: {e}", args.runner_id);
+            return 1;
+        }
+    };
+    let (tx, mut rx) = ipc::channel::<FromRunner, ToRunner, _>(
+        stream,
+        ChannelConfig::named(format!("runner:{}->node", args.runner_id)),
+    );
+    let config: Result<ScriptedConfig, _> = serde_json::from_str(&args.engine_config);
+    let (events_tx, mut events) = mpsc::channel::<EngineEvent>(256);
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<EngineCmd>();
+    let mut runner = Runner {
+        args: args.clone(),
+        tx,
+        state: RunnerState::Idle,
+        engine: Some(cmd_tx),
+        engine_thread: None,
+        tasks: HashMap::new(),
+        fault: None,
+        stalled: false,
+        slow_drain: None,
+        shutdown: None,
+    };
+    match config {
+        Ok(config) => {
+            runner.fault = config.fault.clone();
+            let engine = ScriptedEngine::new(config, args.rank);
+            let spawned = std::thread::Builder::new()
+                .name("engine".into())
+                .spawn(move || engine_thread(engine, cmd_rx, events_tx));
+            match spawned {
+                Ok(handle) => runner.engine_thread = Some(handle),
+                Err(e) => {
+                    let cause = format!("cannot start the engine thread: {e}");
+                    runner.set_state(RunnerState::Failed { phase: Phase::Spawning, cause }).await;
+                }
+            }
+            runner.set_state(RunnerState::Idle).await;
+        }
+        Err(e) => {
+            let cause = format!("invalid engine config: {e}");
+            runner.set_state(RunnerState::Failed { phase: Phase::Spawning, cause }).await;
+        }
+    }
+
+    loop {
+        let wake = runner.next_wake();
+        tokio::select! {
+            biased;
+            incoming = rx.recv() => match incoming {
+                Incoming::Control(Control::Ping { seq }) => {
+                    let _ = runner.tx.send_control(Control::Pong { seq }).await;
+                }
+                Incoming::Control(_) | Incoming::Data(_) if runner.stalled => {}
+                Incoming::Control(Control::Cancel { task_id }) => {
+                    if let Some(flag) = runner.tasks.get(&task_id) {
+                        let _ = flag.compare_exchange(CANCEL_NONE, CANCEL_CLIENT, Ordering::AcqRel, Ordering::Acquire);
+                    }
+                }
+                Incoming::Control(Control::Shutdown { mode, deadline_ms }) => {
+                    runner.begin_shutdown(mode, Duration::from_millis(deadline_ms)).await;
+                }
+                Incoming::Control(Control::Pong { .. }) => {}
+                Incoming::Data(msg) => runner.on_data(msg).await,
+                Incoming::End { reason } => {
+                    if runner.shutdown.as_ref().is_some_and(|p| p.close_deadline.is_some()) {
+                        break;
+                    }
+                    if runner.stalled {
+                        continue;
+                    }
+                    // The node ended its stream without asking for a
+                    // shutdown first: treat it as a cancel-mode shutdown.
+                    tracing::debug!(%reason, "node ended the channel");
+                    runner.begin_shutdown(ShutdownMode::Cancel, Duration::from_secs(1)).await;
+                }
+                Incoming::PeerLost(lost) => {
+                    eprintln!("runner {}: node lost ({lost}); exiting", runner.args.runner_id);
+                    std::process::exit(2);
+                }
+            },
+            Some(event) = events.recv(), if !runner.stalled => runner.on_engine(event).await,
+            _ = sleep_until_opt(wake) => {
+                if let Some(plan) = &mut runner.shutdown {
+                    if plan.close_deadline.is_some_and(|d| Instant::now() >= d) {
+                        tracing::warn!("node did not end the channel within {CLOSE_WAIT:?}; exiting");
+                        break;
+                    }
+                    if !plan.deadline_passed && Instant::now() >= plan.drain_deadline {
+                        plan.deadline_passed = true;
+                        runner.cancel_all(CANCEL_DEADLINE);
+                    }
+                }
+            }
+        }
+        if !runner.stalled {
+            runner.maybe_finish_drain().await;
+        }
+    }
+    runner.tx.finished().await;
+    0
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,1217 @@
+//! One instance: N runner processes started together, serving tasks, and
+//! torn down together. A single task (the instance actor) owns every
+//! runner handle, the task table and the instance state; the API talks to
+//! it through [`InstanceHandle`] and reads snapshots ([`InstanceView`]).
+//!
+//! Invariants:
+//! * Startup is all-or-nothing: the instance is `Ready` only when every
+//!   runner is; any runner failing or missing a phase deadline fails the
+//!   whole instance and every started runner is stopped.
+//! * Tasks are admitted only in `Ready`. Every admitted task gets exactly one
+//!   terminal [`TaskEvent::Done`], whatever happens to its runners: its
+//!   entry is removed from the table when, and only when, it is delivered.
+//! * A failure of any runner (exit, lost channel, hang, deadline, stall) is
+//!   fail-stop: in-flight tasks fail with the cause, siblings get a
+//!   cancel-mode shutdown, and the restart policy decides what follows.
+//! * Runner events come tagged with a generation; a restart starts a new
+//!   generation only after every runner of the old one was reaped.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc::proto::{FromRunner, Phase, RunnerState, TaskOutcome, TaskRequest, ToRunner};
+use ipc::{ChannelStats, Control, ShutdownMode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::process::{ExitCause, Spawner, StopOutcome};
+use crate::restart::{RestartConfig, RestartDecision, RestartPolicy};
+use crate::runner_handle::{ChannelEnd, Heartbeat, RunnerEvent, RunnerHandle, RunnerSpec};
+use crate::shutdown::{
+    Action, ShutdownCoordinator, ShutdownDeadlines, ShutdownPhase, ShutdownReport,
+};
+use crate::statedir::StateDir;
+
+/// Phase deadlines and heartbeat settings, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Spawn until the runner reports `Idle`.
+    pub spawn_ms: u64,
+    pub connect_ms: u64,
+    /// Loading without any progress report.
+    pub load_ms: u64,
+    pub warmup_ms: u64,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    /// A running task with no progress from some runner for this long fails
+    /// that runner.
+    pub task_stall_ms: u64,
+    pub signal_ms: u64,
+    pub drain_ms: u64,
+    pub close_ms: u64,
+    pub term_grace_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            spawn_ms: 10_000,
+            connect_ms: 10_000,
+            load_ms: 30_000,
+            warmup_ms: 30_000,
+            ping_interval_ms: 1_000,
+            ping_timeout_ms: 3_000,
+            task_stall_ms: 30_000,
+            signal_ms: 2_000,
+            drain_ms: 30_000,
+            close_ms: 5_000,
+            term_grace_ms: 2_000,
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// What it takes to start an instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub instance_id: String,
+    pub model: String,
+    pub runners: u32,
+    /// Passed to every runner as its engine configuration.
+    pub engine_config: String,
+    pub timeouts: Timeouts,
+    pub restart: RestartConfig,
+    /// The binary runners re-execute.
+    pub program: PathBuf,
+    pub runner_env: Vec<(String, String)>,
+}
+
+/// Shared by every instance of a node.
+pub struct SupervisorContext {
+    pub spawner: Spawner,
+    pub state_dir: Arc<StateDir>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum InstanceState {
+    Starting,
+    Ready,
+    ShuttingDown { phase: ShutdownPhase },
+    Restarting { attempt: u32, backoff_ms: u64 },
+    Deleted,
+    Failed { cause: String },
+}
+
+impl InstanceState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Ready => "ready",
+            InstanceState::ShuttingDown { .. } => "shutting_down",
+            InstanceState::Restarting { .. } => "restarting",
+            InstanceState::Deleted => "deleted",
+            InstanceState::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// Why an instance failed, for clients and `/state`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureReport {
+    pub runner_id: String,
+    pub rank: u32,
+    pub phase: Phase,
+    pub cause: String,
+    /// Runners that were not Ready at the time, with their state.
+    pub not_ready: Vec<String>,
+    pub stderr_tail: Vec<String>,
+    /// The whole message as clients receive it.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunnerView {
+    pub runner_id: String,
+    pub rank: u32,
+    pub pid: Option<u32>,
+    pub state: RunnerState,
+    /// Every state the runner reported, in order (current generation).
+    pub history: Vec<RunnerState>,
+    pub exit: Option<String>,
+    pub channel: Option<ChannelStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub instance_id: String,
+    pub model: String,
+    pub state: InstanceState,
+    pub runners: Vec<RunnerView>,
+    pub tasks_in_flight: usize,
+    pub restarts: u32,
+    pub failure: Option<FailureReport>,
+    pub last_shutdown: Option<ShutdownReport>,
+}
+
+/// A task as the API submits it.
+#[derive(Debug, Clone)]
+pub struct TaskSubmit {
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub trace_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEvent {
+    Token(String),
+    /// Always the last event of a task.
+    Done(TaskOutcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("instance {instance} is {state}: tasks are admitted only when it is ready")]
+    NotReady {
+        instance: String,
+        state: &'static str,
+    },
+    #[error("instance {instance} has failed: {cause}")]
+    Failed { instance: String, cause: String },
+    #[error("instance {instance} is gone")]
+    Gone { instance: String },
+}
+
+/// The events of one task. Dropping it before `Done` cancels the task.
+pub struct TaskStream {
+    pub task_id: String,
+    events: mpsc::Receiver<TaskEvent>,
+    cmds: mpsc::Sender<Cmd>,
+    finished: bool,
+}
+
+impl TaskStream {
+    pub async fn next(&mut self) -> Option<TaskEvent> {
+        let event = self.events.recv().await;
+        if matches!(event, Some(TaskEvent::Done(_)) | None) {
+            self.finished = true;
+        }
+        event
+    }
+}
+
+impl Drop for TaskStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The client went away: cancel. If the actor's queue is full the
+            // next token for this task fails to deliver and cancels it then.
+            let _ = self.cmds.try_send(Cmd::ClientGone {
+                task_id: self.task_id.clone(),
+            });
+        }
+    }
+}
+
+enum Cmd {
+    Submit {
+        task: TaskSubmit,
+        reply: oneshot::Sender<Result<TaskStream, SubmitError>>,
+    },
+    Cancel {
+        task_id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    ClientGone {
+        task_id: String,
+    },
+    Shutdown {
+        mode: ShutdownMode,
+        drain: Option<Duration>,
+        reply: oneshot::Sender<ShutdownReport>,
+    },
+}
+
+/// The API's handle on an instance. Cheap to clone.
+#[derive(Clone)]
+pub struct InstanceHandle {
+    pub instance_id: String,
+    cmds: mpsc::Sender<Cmd>,
+    view: watch::Receiver<InstanceView>,
+}
+
+impl InstanceHandle {
+    pub fn view(&self) -> InstanceView {
+        self.view.borrow().clone()
+    }
+
+    /// Resolves when the instance is Ready (Ok) or failed or gone (Err).
+    pub async fn wait_ready(&self) -> Result<(), String> {
+        let mut view = self.view.clone();
+        let result = view
+            .wait_for(|v| {
+                !matches!(
+                    v.state,
+                    InstanceState::Starting | InstanceState::Restarting { .. }
+                )
+            })
+            .await;
+        match result {
+            Ok(v) if v.state == InstanceState::Ready => Ok(()),
+            Ok(v) => Err(match &v.failure {
+                Some(f) => f.message.clone(),
+                None => format!("instance {} is {}", v.instance_id, v.state.name()),
+            }),
+            Err(_) => Err(format!("instance {} is gone", self.instance_id)),
+        }
+    }
+
+    /// Resolves when the instance reached a final state (deleted, or failed
+    /// with every runner reaped and no restart pending).
+    pub async fn wait_settled(&self) -> InstanceView {
+        let mut view = self.view.clone();
+        let settled = |v: &InstanceView| {
+            matches!(v.state, InstanceState::Deleted)
+                || (matches!(v.state, InstanceState::Failed { .. })
+                    && v.runners.iter().all(|r| r.exit.is_some()))
+        };
+        let result = view.wait_for(settled).await.map(|v| v.clone());
+        result.unwrap_or_else(|_| self.view())
+    }
+
+    pub async fn submit(&self, task: TaskSubmit) -> Result<TaskStream, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || SubmitError::Gone {
+            instance: self.instance_id.clone(),
+        };
+        self.cmds
+            .send(Cmd::Submit { task, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Cancels a task; false if the instance has no such task.
+    pub async fn cancel(&self, task_id: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Cancel {
+            task_id: task_id.to_string(),
+            reply,
+        };
+        if self.cmds.send(cmd).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Three-phase shutdown; returns its report. `drain` overrides the
+    /// drain deadline. A second call waits for the same shutdown.
+    pub async fn shutdown(
+        &self,
+        mode: ShutdownMode,
+        drain: Option<Duration>,
+    ) -> Option<ShutdownReport> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .cmds
+            .send(Cmd::Shutdown { mode, drain, reply })
+            .await
+            .is_err()
+        {
+            return self.view().last_shutdown;
+        }
+        match rx.await {
+            Ok(report) => Some(report),
+            Err(_) => self.view().last_shutdown,
+        }
+    }
+}
+
+/// Starts an instance; it begins spawning its runners at once.
+pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle {
+    let (cmds, cmd_rx) = mpsc::channel(256);
+    let view = InstanceView {
+        instance_id: spec.instance_id.clone(),
+        model: spec.model.clone(),
+        state: InstanceState::Starting,
+        runners: Vec::new(),
+        tasks_in_flight: 0,
+        restarts: 0,
+        failure: None,
+        last_shutdown: None,
+    };
+    let (view_tx, view_rx) = watch::channel(view);
+    let handle = InstanceHandle {
+        instance_id: spec.instance_id.clone(),
+        cmds: cmds.clone(),
+        view: view_rx,
+    };
+    let restart = RestartPolicy::new(spec.restart.clone());
+    let actor = Actor {
+        ctx,
+        spec,
+        cmds,
+        view: view_tx,
+        state: InstanceState::Starting,
+        slots: Vec::new(),
+        events: None,
+        tasks: HashMap::new(),
+        task_seq: 0,
+        teardown: None,
+        failure: None,
+        restart,
+        epoch: Instant::now(),
+        restart_at: None,
+        last_shutdown: None,
+        delete_requested: None,
+    };
+    tokio::spawn(actor.run(cmd_rx));
+    handle
+}
+
+struct Slot {
+    runner_id: String,
+    handle: Option<RunnerHandle>,
+    state: RunnerState,
+    history: Vec<RunnerState>,
+    /// The current phase's deadline.
+    deadline: Option<(Instant, Phase, u64)>,
+    hung: Option<Duration>,
+    exit: Option<ExitCause>,
+    channel: Option<ChannelStats>,
+}
+
+impl Slot {
+    fn exited(&self) -> bool {
+        self.exit.is_some()
+    }
+}
+
+struct TaskEntry {
+    tx: mpsc::Sender<TaskEvent>,
+    /// Ranks that reported this task done.
+    done: Vec<bool>,
+    outcome: Option<TaskOutcome>,
+    last_progress: Instant,
+}
+
+struct Teardown {
+    coordinator: ShutdownCoordinator,
+    replies: Vec<oneshot::Sender<ShutdownReport>>,
+    /// Set when the teardown follows a failure rather than a request.
+    after_failure: bool,
+}
+
+struct Actor {
+    ctx: Arc<SupervisorContext>,
+    spec: InstanceSpec,
+    cmds: mpsc::Sender<Cmd>,
+    view: watch::Sender<InstanceView>,
+    state: InstanceState,
+    slots: Vec<Slot>,
+    /// Runner events of the current generation.
+    events: Option<mpsc::Receiver<(u32, RunnerEvent)>>,
+    tasks: HashMap<String, TaskEntry>,
+    task_seq: u64,
+    teardown: Option<Teardown>,
+    failure: Option<FailureReport>,
+    restart: RestartPolicy,
+    epoch: Instant,
+    restart_at: Option<Instant>,
+    last_shutdown: Option<ShutdownReport>,
+    /// A delete arrived while the instance was failed or restarting.
+    delete_requested: Option<ShutdownMode>,
+}
+
+impl Actor {
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
+        self.spawn_generation().await;
+        loop {
+            self.publish();
+            if self.state == InstanceState::Deleted {
+                break;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                event = recv_event(&mut self.events) => match event {
+                    Some((rank, event)) => self.on_runner_event(rank as usize, event).await,
+                    None => self.events = None,
+                },
+                Some(cmd) = cmd_rx.recv() => self.on_cmd(cmd).await,
+                _ = sleep_until_opt(wake) => self.on_clock().await,
+            }
+        }
+        // Answer whatever is still queued so no caller waits forever.
+        cmd_rx.close();
+        while let Ok(cmd) = cmd_rx.try_recv() {
+            self.on_cmd(cmd).await;
+        }
+    }
+
+    fn publish(&self) {
+        let runners = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(rank, s)| RunnerView {
+                runner_id: s.runner_id.clone(),
+                rank: rank as u32,
+                pid: s.handle.as_ref().map(|h| h.pid),
+                state: s.state.clone(),
+                history: s.history.clone(),
+                exit: s.exit.map(|e| e.to_string()),
+                channel: s
+                    .handle
+                    .as_ref()
+                    .map(|h| h.channel_stats())
+                    .or_else(|| s.channel.clone()),
+            })
+            .collect();
+        let view = InstanceView {
+            instance_id: self.spec.instance_id.clone(),
+            model: self.spec.model.clone(),
+            state: self.state.clone(),
+            runners,
+            tasks_in_flight: self.tasks.len(),
+            restarts: self.restart.restarts(),
+            failure: self.failure.clone(),
+            last_shutdown: self.last_shutdown.clone(),
+        };
+        self.view.send_replace(view);
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            interval: ms(self.spec.timeouts.ping_interval_ms),
+            timeout: ms(self.spec.timeouts.ping_timeout_ms),
+        }
+    }
+
+    async fn spawn_generation(&mut self) {
+        let n = self.spec.runners;
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        self.events = Some(events_rx);
+        self.slots.clear();
+        self.state = InstanceState::Starting;
+        let now = Instant::now();
+        for rank in 0..n {
+            let runner_id = format!("{}/{rank}", self.spec.instance_id);
+            let spec = RunnerSpec {
+                instance_id: self.spec.instance_id.clone(),
+                runner_id: runner_id.clone(),
+                rank,
+                world_size: n,
+                engine_config: self.spec.engine_config.clone(),
+                program: self.spec.program.clone(),
+                heartbeat: self.heartbeat(),
+                extra_env: self.spec.runner_env.clone(),
+            };
+            let spawned = RunnerHandle::spawn(
+                &self.ctx.spawner,
+                &self.ctx.state_dir,
+                spec,
+                events_tx.clone(),
+            )
+            .await;
+            let deadline = Some((
+                now + ms(self.spec.timeouts.spawn_ms),
+                Phase::Spawning,
+                self.spec.timeouts.spawn_ms,
+            ));
+            match spawned {
+                Ok(handle) => {
+                    tracing::debug!(instance = %self.spec.instance_id, runner = %runner_id, pid = handle.pid, "runner spawned");
+                    self.slots.push(Slot {
+                        runner_id,
+                        handle: Some(handle),
+                        state: RunnerState::Idle,
+                        history: Vec::new(),
+                        deadline,
+                        hung: None,
+                        exit: None,
+                        channel: None,
+                    });
+                }
+                Err(e) => {
+                    let cause = format!("could not spawn: {e}");
+                    self.slots.push(Slot {
+                        runner_id,
+                        handle: None,
+                        state: RunnerState::Failed {
+                            phase: Phase::Spawning,
+                            cause: cause.clone(),
+                        },
+                        history: Vec::new(),
+                        deadline: None,
+                        hung: None,
+                        exit: Some(ExitCause::Code(-1)),
+                        channel: None,
+                    });
+                    self.fail(rank as usize, Phase::Spawning, cause).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+        for slot in &self.slots {
+            if let Some((t, _, _)) = slot.deadline {
+                consider(t);
+            }
+        }
+        if self.state == InstanceState::Ready {
+            let stall = ms(self.spec.timeouts.task_stall_ms);
+            if let Some(oldest) = self.tasks.values().map(|t| t.last_progress).min() {
+                consider(oldest + stall);
+            }
+        }
+        if let Some(t) = self
+            .teardown
+            .as_ref()
+            .and_then(|t| t.coordinator.deadline())
+        {
+            consider(t);
+        }
+        if let Some(t) = self.restart_at {
+            consider(t);
+        }
+        wake
+    }
+
+    async fn on_clock(&mut self) {
+        let now = Instant::now();
+        if let Some(teardown) = &mut self.teardown {
+            if teardown.coordinator.deadline().is_some_and(|d| now >= d) {
+                let actions = teardown.coordinator.on_timeout(now);
+                self.perform(actions).await;
+            }
+        }
+        let overdue: Vec<(usize, Phase, u64)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, s)| match s.deadline {
+                Some((t, phase, budget)) if now >= t => Some((rank, phase, budget)),
+                _ => None,
+            })
+            .collect();
+        for (rank, phase, budget) in overdue {
+            self.slots[rank].deadline = None;
+            let cause = format!("did not finish {phase} within {budget} ms");
+            self.fail(rank, phase, cause).await;
+        }
+        if self.state == InstanceState::Ready {
+            let stall = ms(self.spec.timeouts.task_stall_ms);
+            let stalled = self
+                .tasks
+                .iter()
+                .find(|(_, t)| now >= t.last_progress + stall)
+                .map(|(id, t)| {
+                    let rank = t.done.iter().position(|d| !d).unwrap_or(0);
+                    (id.clone(), rank)
+                });
+            if let Some((task_id, rank)) = stalled {
+                let cause = format!(
+                    "task {task_id} made no progress for {} ms",
+                    self.spec.timeouts.task_stall_ms
+                );
+                self.fail(rank, Phase::Running, cause).await;
+            }
+        }
+        if self.restart_at.is_some_and(|t| now >= t) {
+            self.restart_at = None;
+            if let Some(mode) = self.delete_requested {
+                let _ = mode;
+                self.state = InstanceState::Deleted;
+            } else {
+                tracing::info!(instance = %self.spec.instance_id, restarts = self.restart.restarts(), "restarting instance");
+                self.failure = None;
+                self.spawn_generation().await;
+            }
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit { task, reply } => {
+                let _ = reply.send(self.admit(task).await);
+            }
+            Cmd::Cancel { task_id, reply } => {
+                let known = self.tasks.contains_key(&task_id);
+                if known {
+                    self.cancel_task(&task_id).await;
+                }
+                let _ = reply.send(known);
+            }
+            Cmd::ClientGone { task_id } => {
+                if self.tasks.contains_key(&task_id) {
+                    tracing::debug!(instance = %self.spec.instance_id, task = %task_id, "client gone: cancelling");
+                    self.cancel_task(&task_id).await;
+                }
+            }
+            Cmd::Shutdown { mode, drain, reply } => self.request_shutdown(mode, drain, reply).await,
+        }
+    }
+
+    async fn admit(&mut self, task: TaskSubmit) -> Result<TaskStream, SubmitError> {
+        let instance = self.spec.instance_id.clone();
+        match &self.state {
+            InstanceState::Ready => {}
+            InstanceState::Failed { cause } => {
+                return Err(SubmitError::Failed {
+                    instance,
+                    cause: cause.clone(),
+                })
+            }
+            other => {
+                return Err(SubmitError::NotReady {
+                    instance,
+                    state: other.name(),
+                })
+            }
+        }
+        self.task_seq += 1;
+        let task_id = format!("{}-t{}", self.spec.instance_id, self.task_seq);
+        // Room for every token the task can produce plus its outcome: the
+        // actor never waits on a slow client, and nothing is dropped.
+        let (tx, events) = mpsc::channel(task.max_tokens as usize + 2);
+        let request = TaskRequest {
+            task_id: task_id.clone(),
+            trace_id: task.trace_id.clone(),
+            prompt: task.prompt,
+            max_tokens: task.max_tokens,
+        };
+        tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, "task admitted");
+        self.tasks.insert(
+            task_id.clone(),
+            TaskEntry {
+                tx,
+                done: vec![false; self.slots.len()],
+                outcome: None,
+                last_progress: Instant::now(),
+            },
+        );
+        for rank in 0..self.slots.len() {
+            let Some(handle) = &self.slots[rank].handle else {
+                continue;
+            };
+            if let Err(e) = handle.send(ToRunner::Task(request.clone())).await {
+                // The runner is going away; its exit event fails the task.
+                tracing::debug!(instance = %instance, task = %task_id, error = %e, "task not delivered");
+            }
+        }
+        Ok(TaskStream {
+            task_id,
+            events,
+            cmds: self.cmds.clone(),
+            finished: false,
+        })
+    }
+
+    async fn cancel_task(&mut self, task_id: &str) {
+        for slot in &self.slots {
+            if let Some(handle) = &slot.handle {
+                handle
+                    .control(Control::Cancel {
+                        task_id: task_id.to_string(),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Delivers a task's outcome and forgets the task.
+    fn finish_task(&mut self, task_id: &str, outcome: TaskOutcome) {
+        let Some(entry) = self.tasks.remove(task_id) else {
+            return;
+        };
+        if let Some(teardown) = &mut self.teardown {
+            let report = teardown.coordinator.report_mut();
+            match &outcome {
+                TaskOutcome::Completed { .. } => report.tasks_drained += 1,
+                TaskOutcome::Cancelled { .. } => report.tasks_cancelled += 1,
+                TaskOutcome::Failed { .. } => report.tasks_failed += 1,
+            }
+        }
+        tracing::debug!(instance = %self.spec.instance_id, task = %task_id, ?outcome, "task finished");
+        // The client may be gone; the outcome then has nobody to reach.
+        let _ = entry.tx.try_send(TaskEvent::Done(outcome));
+    }
+
+    async fn on_runner_event(&mut self, rank: usize, event: RunnerEvent) {
+        let now = Instant::now();
+        match event {
+            RunnerEvent::Message(FromRunner::Status(state)) => self.on_status(rank, state).await,
+            RunnerEvent::Message(FromRunner::Token { task_id, text, .. }) => {
+                let Some(entry) = self.tasks.get_mut(&task_id) else {
+                    return;
+                };
+                entry.last_progress = now;
+                if entry.tx.try_send(TaskEvent::Token(text)).is_err() {
+                    self.cancel_task(&task_id).await;
+                }
+            }
+            RunnerEvent::Message(FromRunner::TaskDone { task_id, outcome }) => {
+                let Some(entry) = self.tasks.get_mut(&task_id) else {
+                    return;
+                };
+                entry.last_progress = now;
+                if let Some(done) = entry.done.get_mut(rank) {
+                    *done = true;
+                }
+                let decisive = rank == 0 || !matches!(outcome, TaskOutcome::Completed { .. });
+                if decisive && !matches!(entry.outcome, Some(TaskOutcome::Failed { .. })) {
+                    entry.outcome = Some(outcome);
+                }
+                let all_done = entry
+                    .done
+                    .iter()
+                    .enumerate()
+                    .all(|(r, d)| *d || self.slots[r].exited());
+                if all_done {
+                    let outcome = entry.outcome.clone().unwrap_or(TaskOutcome::Failed {
+                        cause: "no outcome from rank 0".into(),
+                    });
+                    self.finish_task(&task_id, outcome);
+                }
+            }
+            RunnerEvent::Message(FromRunner::Rejected { request, reason }) => {
+                let phase = self.slots[rank].state.phase();
+                self.fail(rank, phase, format!("rejected {request}: {reason}"))
+                    .await;
+            }
+            RunnerEvent::Ended { reason } => {
+                if let Some(teardown) = &mut self.teardown {
+                    let actions = teardown.coordinator.on_ended(rank, now);
+                    self.perform(actions).await;
+                } else {
+                    let phase = self.slots[rank].state.phase();
+                    self.fail(rank, phase, format!("ended its channel unasked ({reason})"))
+                        .await;
+                }
+            }
+            RunnerEvent::Hung { silent_for } => {
+                self.slots[rank].hung = Some(silent_for);
+            }
+            RunnerEvent::Exited {
+                cause,
+                channel,
+                stop,
+            } => self.on_exited(rank, cause, channel, stop).await,
+        }
+    }
+
+    async fn on_status(&mut self, rank: usize, state: RunnerState) {
+        let now = Instant::now();
+        let t = self.spec.timeouts.clone();
+        let slot = &mut self.slots[rank];
+        slot.history.push(state.clone());
+        slot.state = state.clone();
+        let handle = slot.handle.as_ref();
+        let starting = self.teardown.is_none();
+        let next = match &state {
+            RunnerState::Idle if starting => {
+                slot.deadline = Some((now + ms(t.connect_ms), Phase::Connecting, t.connect_ms));
+                Some(ToRunner::Connect { peers: Vec::new() })
+            }
+            RunnerState::Connected if starting => {
+                slot.deadline = Some((now + ms(t.load_ms), Phase::Loading, t.load_ms));
+                Some(ToRunner::Load)
+            }
+            RunnerState::Loading { .. } if starting => {
+                // Progress extends the load deadline.
+                slot.deadline = Some((now + ms(t.load_ms), Phase::Loading, t.load_ms));
+                None
+            }
+            RunnerState::Loaded if starting => {
+                slot.deadline = Some((now + ms(t.warmup_ms), Phase::WarmingUp, t.warmup_ms));
+                Some(ToRunner::WarmUp)
+            }
+            RunnerState::Ready => {
+                slot.deadline = None;
+                None
+            }
+            _ => None,
+        };
+        if let (Some(msg), Some(handle)) = (next, handle) {
+            let _ = handle.send(msg).await;
+        }
+        match state {
+            RunnerState::Ready if self.state == InstanceState::Starting => {
+                if self.slots.iter().all(|s| s.state == RunnerState::Ready) {
+                    tracing::info!(instance = %self.spec.instance_id, runners = self.slots.len(), "instance ready");
+                    self.state = InstanceState::Ready;
+                    self.restart.on_ready(now - self.epoch);
+                }
+            }
+            RunnerState::ShuttingDown => {
+                if let Some(teardown) = &mut self.teardown {
+                    let actions = teardown.coordinator.on_ack(rank, now);
+                    self.perform(actions).await;
+                }
+            }
+            RunnerState::Failed { phase, cause } => self.fail(rank, phase, cause).await,
+            _ => {}
+        }
+    }
+
+    async fn on_exited(
+        &mut self,
+        rank: usize,
+        cause: ExitCause,
+        channel: ChannelEnd,
+        stop: Option<StopOutcome>,
+    ) {
+        let now = Instant::now();
+        let slot = &mut self.slots[rank];
+        slot.exit = Some(cause);
+        slot.deadline = None;
+        slot.channel = slot.handle.as_ref().map(|h| h.channel_stats());
+        let hung = slot.hung;
+        let phase = slot.state.phase();
+        let graceful = self.teardown.is_some() && channel == ChannelEnd::End && cause.is_success();
+        if self.teardown.is_none() {
+            // A runner ended while the instance was starting or serving.
+            let what = match (hung, &channel) {
+                (Some(silent), _) => format!(
+                    "hung (no pong for {} ms), killed: {cause}",
+                    silent.as_millis()
+                ),
+                (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
+                (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
+                    format!("exited with {cause}; its channel broke: {detail}")
+                }
+                (None, _) => format!("exited with {cause}"),
+            };
+            self.fail(rank, phase, what).await;
+        } else if !graceful {
+            tracing::debug!(instance = %self.spec.instance_id, runner = %self.slots[rank].runner_id, %cause, "runner exit during teardown");
+        }
+        // Tasks that were waiting only for this runner are now decided.
+        let waiting: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.done
+                    .iter()
+                    .enumerate()
+                    .all(|(r, d)| *d || self.slots[r].exited())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for task_id in waiting {
+            let outcome = self.tasks[&task_id]
+                .outcome
+                .clone()
+                .unwrap_or(TaskOutcome::Failed {
+                    cause: format!("runner {} exited with {cause}", self.slots[rank].runner_id),
+                });
+            self.finish_task(&task_id, outcome);
+        }
+        if let Some(teardown) = &mut self.teardown {
+            let actions = teardown.coordinator.on_exited(rank, cause, stop, now);
+            self.perform(actions).await;
+        }
+        self.slots[rank].handle = None;
+        self.check_teardown_done().await;
+    }
+
+    /// Fail-stop: the instance fails because of runner `rank`.
+    async fn fail(&mut self, rank: usize, phase: Phase, cause: String) {
+        let now = Instant::now();
+        let slot = &self.slots[rank];
+        let runner_id = slot.runner_id.clone();
+        let runner_id_for_report = runner_id.clone();
+        if let Some(teardown) = &mut self.teardown {
+            // Already tearing down: stop this runner without waiting.
+            let why = format!("runner {runner_id} failed in phase {phase}: {cause}");
+            let actions = teardown.coordinator.on_failed(rank, why, now);
+            self.perform(actions).await;
+            return;
+        }
+        let stderr_tail = slot
+            .handle
+            .as_ref()
+            .map(|h| h.stderr_tail(5))
+            .unwrap_or_default();
+        let not_ready: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|s| {
+                s.state != RunnerState::Ready && !matches!(s.state, RunnerState::Running { .. })
+            })
+            .map(|s| format!("{} ({})", s.runner_id, s.state.name()))
+            .collect();
+        let mut message =
+            format!("runner {runner_id} (rank {rank}) failed in phase {phase}: {cause}");
+        if self.state == InstanceState::Starting && !not_ready.is_empty() {
+            message.push_str(&format!("; not ready: {}", not_ready.join(", ")));
+        }
+        if !stderr_tail.is_empty() {
+            message.push_str(&format!("; last stderr: {}", stderr_tail.join(" | ")));
+        }
+        tracing::error!(instance = %self.spec.instance_id, runner = %runner_id, %phase, "{message}");
+        self.failure = Some(FailureReport {
+            runner_id,
+            rank: rank as u32,
+            phase,
+            cause: cause.clone(),
+            not_ready,
+            stderr_tail,
+            message: message.clone(),
+        });
+        self.state = InstanceState::Failed {
+            cause: message.clone(),
+        };
+        let task_ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for task_id in task_ids {
+            self.finish_task(
+                &task_id,
+                TaskOutcome::Failed {
+                    cause: message.clone(),
+                },
+            );
+        }
+        self.begin_teardown(
+            ShutdownMode::Cancel,
+            None,
+            format!("failure: {message}"),
+            true,
+        )
+        .await;
+        if !self.slots[rank].exited() {
+            if let Some(teardown) = &mut self.teardown {
+                // The failed runner is stopped at once, without waiting
+                // for the phase deadlines.
+                let actions = teardown.coordinator.on_failed(
+                    rank,
+                    format!("runner {runner_id_for_report} failed: {cause}"),
+                    now,
+                );
+                self.perform(actions).await;
+            }
+        }
+    }
+
+    async fn request_shutdown(
+        &mut self,
+        mode: ShutdownMode,
+        drain: Option<Duration>,
+        reply: oneshot::Sender<ShutdownReport>,
+    ) {
+        if let Some(teardown) = &mut self.teardown {
+            if !teardown.after_failure {
+                teardown.replies.push(reply);
+                return;
+            }
+            // A delete while a failure's teardown runs: finish it, then delete.
+            teardown.replies.push(reply);
+            self.delete_requested = Some(mode);
+            return;
+        }
+        match self.state {
+            InstanceState::Failed { .. } | InstanceState::Restarting { .. } => {
+                self.restart_at = None;
+                self.state = InstanceState::Deleted;
+                let report = self
+                    .last_shutdown
+                    .clone()
+                    .unwrap_or_else(|| self.empty_report(mode));
+                let _ = reply.send(report);
+            }
+            InstanceState::Deleted => {
+                let _ = reply.send(
+                    self.last_shutdown
+                        .clone()
+                        .unwrap_or_else(|| self.empty_report(mode)),
+                );
+            }
+            _ => {
+                self.begin_teardown(mode, drain, "requested".into(), false)
+                    .await;
+                if let Some(teardown) = &mut self.teardown {
+                    teardown.replies.push(reply);
+                }
+                self.check_teardown_done().await;
+            }
+        }
+    }
+
+    fn empty_report(&self, mode: ShutdownMode) -> ShutdownReport {
+        let coordinator = ShutdownCoordinator::new(
+            &self.spec.instance_id,
+            Vec::new(),
+            &[],
+            mode,
+            "nothing running".into(),
+            self.deadlines(None),
+            Instant::now(),
+        );
+        let mut c = coordinator;
+        c.report_mut().clone()
+    }
+
+    fn deadlines(&self, drain: Option<Duration>) -> ShutdownDeadlines {
+        let t = &self.spec.timeouts;
+        ShutdownDeadlines {
+            signal: ms(t.signal_ms),
+            // The runner enforces the drain deadline itself (cancelling what
+            // is left); the node allows a margin for that to arrive.
+            drain: drain.unwrap_or(ms(t.drain_ms)) + ms(t.signal_ms),
+            close: ms(t.close_ms),
+            term_grace: ms(t.term_grace_ms),
+        }
+    }
+
+    async fn begin_teardown(
+        &mut self,
+        mode: ShutdownMode,
+        drain: Option<Duration>,
+        reason: String,
+        after_failure: bool,
+    ) {
+        let now = Instant::now();
+        let deadlines = self.deadlines(drain);
+        let runner_drain = drain.unwrap_or(ms(self.spec.timeouts.drain_ms));
+        let exited: Vec<bool> = self.slots.iter().map(|s| s.exited()).collect();
+        let ids = self.slots.iter().map(|s| s.runner_id.clone()).collect();
+        let coordinator = ShutdownCoordinator::new(
+            &self.spec.instance_id,
+            ids,
+            &exited,
+            mode,
+            reason.clone(),
+            deadlines,
+            now,
+        );
+        if !after_failure {
+            tracing::info!(instance = %self.spec.instance_id, ?mode, "shutting down");
+            self.state = InstanceState::ShuttingDown {
+                phase: ShutdownPhase::Signaling,
+            };
+        }
+        self.teardown = Some(Teardown {
+            coordinator,
+            replies: Vec::new(),
+            after_failure,
+        });
+        for slot in &mut self.slots {
+            slot.deadline = None;
+            if let Some(handle) = &slot.handle {
+                let shutdown = Control::Shutdown {
+                    mode,
+                    deadline_ms: runner_drain.as_millis() as u64,
+                };
+                handle.control(shutdown).await;
+            }
+        }
+    }
+
+    async fn perform(&mut self, actions: Vec<Action>) {
+        let grace = ms(self.spec.timeouts.term_grace_ms);
+        for action in actions {
+            match action {
+                Action::Close(rank) => {
+                    if let Some(handle) = &self.slots[rank].handle {
+                        handle.close("shutdown").await;
+                    }
+                }
+                Action::Terminate { rank, term_first } => {
+                    if let Some(handle) = &self.slots[rank].handle {
+                        handle.request_terminate(term_first, grace);
+                    }
+                }
+            }
+        }
+        if let Some(teardown) = &self.teardown {
+            if !teardown.after_failure && !teardown.coordinator.is_done() {
+                self.state = InstanceState::ShuttingDown {
+                    phase: teardown.coordinator.phase(),
+                };
+            }
+        }
+    }
+
+    async fn check_teardown_done(&mut self) {
+        let done = self
+            .teardown
+            .as_ref()
+            .is_some_and(|t| t.coordinator.is_done());
+        if !done {
+            return;
+        }
+        let Some(mut teardown) = self.teardown.take() else {
+            return;
+        };
+        // Any task still open has no runner left to finish it.
+        let task_ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for task_id in task_ids {
+            self.finish_task(
+                &task_id,
+                TaskOutcome::Failed {
+                    cause: "instance shut down".into(),
+                },
+            );
+        }
+        let report = teardown.coordinator.report_mut().clone();
+        if report.is_clean() {
+            tracing::info!(instance = %self.spec.instance_id, total_ms = report.total_ms, "shutdown complete");
+        } else {
+            tracing::warn!(instance = %self.spec.instance_id, escalations = ?report.escalations, errors = ?report.errors, "shutdown completed with escalations or errors");
+        }
+        self.last_shutdown = Some(report.clone());
+        for reply in teardown.replies.drain(..) {
+            let _ = reply.send(report.clone());
+        }
+        if !teardown.after_failure || self.delete_requested.is_some() {
+            self.state = InstanceState::Deleted;
+            return;
+        }
+        let now = Instant::now();
+        match self.restart.on_failure(now - self.epoch) {
+            RestartDecision::RestartAfter(backoff) => {
+                self.state = InstanceState::Restarting {
+                    attempt: self.restart.restarts(),
+                    backoff_ms: backoff.as_millis() as u64,
+                };
+                self.restart_at = Some(now + backoff);
+            }
+            RestartDecision::GiveUp { restarts, window } => {
+                if let InstanceState::Failed { cause } = &mut self.state {
+                    if self.spec.restart.max_restarts > 0 {
+                        cause.push_str(&format!(
+                            "; gave up after {restarts} restarts within {} s",
+                            window.as_secs()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn recv_event(
+    events: &mut Option<mpsc::Receiver<(u32, RunnerEvent)>>,
+) -> Option<(u32, RunnerEvent)> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

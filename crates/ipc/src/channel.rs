@@ -126,6 +126,10 @@ struct Shared {
     credits: AtomicU32,
     credit_notify: Notify,
     terminal: Mutex<Option<Terminal>>,
+    /// Frames handed to the socket buffer but not yet flushed.
+    unflushed: std::sync::atomic::AtomicBool,
+    /// Notified after every flush and when the writer stops.
+    flush_notify: Notify,
 }
 
 impl Shared {
@@ -185,6 +189,8 @@ where
         credits: AtomicU32::new(0),
         credit_notify: Notify::new(),
         terminal: Mutex::new(None),
+        unflushed: std::sync::atomic::AtomicBool::new(false),
+        flush_notify: Notify::new(),
     });
     let (rd, wr) = stream.into_split();
     let (data_tx, data_out_rx) = mpsc::channel::<Outgoing>(window as usize);
@@ -323,6 +329,23 @@ impl<T> Sender<T> {
     pub async fn finished(&self) {
         let mut done = self.writer_done.clone();
         let _ = done.wait_for(|d| *d).await;
+    }
+
+    /// Resolves once every message accepted so far was written to the
+    /// socket, or the writer stopped. Lets a process make sure its last
+    /// words left before it exits.
+    pub async fn flushed(&self) {
+        loop {
+            let notified = self.shared.flush_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let idle = self.shared.counters.queued.load(Ordering::Acquire) == 0
+                && !self.shared.unflushed.load(Ordering::Acquire);
+            if idle || *self.writer_done.borrow() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn state(&self) -> ChannelState {
@@ -533,17 +556,20 @@ async fn write_loop<W>(
             tokio::select! {
                 biased;
                 control = ctrl_rx.recv(), if ctrl_open => match control {
-                    Some(bytes) => write_counted(&mut wr, counters, &bytes).await?,
+                    Some(bytes) => write_counted(&mut wr, &shared, &bytes).await?,
                     None => ctrl_open = false,
                 },
                 out = data_rx.recv(), if want_data && credits > 0 => match out {
                     Some(Outgoing::Data(bytes)) => {
                         credits -= 1;
-                        counters.queued.fetch_sub(1, Ordering::Relaxed);
-                        write_counted(&mut wr, counters, &bytes).await?;
+                        // Mark unflushed before the queue looks empty, so
+                        // `flushed` never sees neither.
+                        shared.unflushed.store(true, Ordering::Release);
+                        counters.queued.fetch_sub(1, Ordering::AcqRel);
+                        write_counted(&mut wr, &shared, &bytes).await?;
                     }
                     Some(Outgoing::End(bytes)) => {
-                        write_counted(&mut wr, counters, &bytes).await?;
+                        write_counted(&mut wr, &shared, &bytes).await?;
                         wr.flush().await?;
                         end_written = true;
                         counters.core().end_written();
@@ -554,8 +580,10 @@ async fn write_loop<W>(
                 _ = recv_done.changed(), if !recv_finished => {}
             }
             let data_ready = want_data && credits > 0 && !data_rx.is_empty();
-            if ctrl_rx.is_empty() && !data_ready {
+            if ctrl_rx.is_empty() && !data_ready && shared.unflushed.load(Ordering::Acquire) {
                 wr.flush().await?;
+                shared.unflushed.store(false, Ordering::Release);
+                shared.flush_notify.notify_waiters();
             }
         }
     }
@@ -570,17 +598,21 @@ async fn write_loop<W>(
         }
     }
     let _ = wr.into_inner().shutdown().await;
+    shared.unflushed.store(false, Ordering::Release);
     // Whatever is still queued can no longer be written; closing the queue
     // makes every later send fail with its message returned.
     data_rx.close();
     let _ = done.send(true);
+    shared.flush_notify.notify_waiters();
 }
 
 async fn write_counted<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut BufWriter<W>,
-    counters: &Counters,
+    shared: &Shared,
     bytes: &[u8],
 ) -> std::io::Result<()> {
+    let counters = &shared.counters;
+    shared.unflushed.store(true, Ordering::Release);
     wr.write_all(bytes).await?;
     counters
         .bytes_sent

@@ -98,7 +98,7 @@ async fn create_instance(State(node): State<Arc<Node>>, body: Bytes) -> Result<R
 }
 
 async fn get_instance(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(node.instance(&id)?.view()).into_response())
+    Ok(Json(node.instance_view(&id)?).into_response())
 }
 
 #[derive(Debug, Deserialize)]

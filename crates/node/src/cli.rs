@@ -155,7 +155,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, state_dir = %state_dir.display(), "node serving");
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, state_dir = %state_dir.display(), "node serving");
+    // The one line on stdout: scripts and tests learn the port from it.
+    println!("listening on {addr}");
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_node = node.clone();
     tokio::spawn(async move {

@@ -21,6 +21,8 @@ use supervisor::statedir::{StateDir, SweepReport};
 
 /// Most runners one instance may have on one node.
 pub const MAX_RUNNERS: u32 = 64;
+/// Deleted instances whose last view stays readable (`GET /instance/{id}`).
+const KEEP_DELETED: usize = 64;
 
 /// `POST /instance` body.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +74,8 @@ pub struct Node {
     sweep: SweepReport,
     started: std::time::Instant,
     instances: Mutex<BTreeMap<String, InstanceHandle>>,
+    /// The last views of recently deleted instances, oldest first.
+    deleted: Mutex<std::collections::VecDeque<InstanceView>>,
     runner_env: Vec<(String, String)>,
 }
 
@@ -103,6 +107,7 @@ impl Node {
             sweep,
             started: std::time::Instant::now(),
             instances: Mutex::new(BTreeMap::new()),
+            deleted: Mutex::new(std::collections::VecDeque::new()),
             runner_env,
         }))
     }
@@ -153,6 +158,19 @@ impl Node {
         Ok(handle)
     }
 
+    /// The current view of a live or recently deleted instance.
+    pub fn instance_view(&self, id: &str) -> Result<InstanceView, NodeError> {
+        if let Ok(handle) = self.instance(id) {
+            return Ok(handle.view());
+        }
+        let deleted = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+        deleted
+            .iter()
+            .find(|v| v.instance_id == id)
+            .cloned()
+            .ok_or_else(|| NodeError::NotFound(format!("no instance {id:?} on this node")))
+    }
+
     pub fn instance(&self, id: &str) -> Result<InstanceHandle, NodeError> {
         self.instances()
             .get(id)
@@ -193,7 +211,14 @@ impl Node {
     ) -> Result<ShutdownReport, NodeError> {
         let handle = self.instance(id)?;
         let report = handle.shutdown(mode, drain).await;
-        self.instances().remove(id);
+        let view = handle.wait_settled().await;
+        if self.instances().remove(id).is_some() {
+            let mut deleted = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+            if deleted.len() == KEEP_DELETED {
+                deleted.pop_front();
+            }
+            deleted.push_back(view);
+        }
         report.ok_or_else(|| NodeError::Unavailable(format!("instance {id} ended without a shutdown report")))
     }
 

@@ -67,6 +67,10 @@ pub enum FaultKind {
     /// Ignores SIGTERM and stops making progress while still answering pings,
     /// so only a deadline and SIGKILL end it.
     IgnoreSigterm,
+    /// Writes a malformed frame straight onto the node channel.
+    Garbage,
+    /// Writes a frame header announcing 1 GiB onto the node channel.
+    OversizeFrame,
     /// Shutdown's drain waits `delay_ms` before it starts, still answering pings.
     SlowDrain {
         #[serde(default = "default_slow_drain_ms")]
@@ -83,6 +87,8 @@ impl FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Hang => "hang",
             FaultKind::IgnoreSigterm => "ignore_sigterm",
+            FaultKind::Garbage => "garbage",
+            FaultKind::OversizeFrame => "oversize_frame",
             FaultKind::SlowDrain { .. } => "slow_drain",
         }
     }

@@ -247,13 +247,16 @@ impl Runner {
     }
 
     /// Fires the scripted fault if it is for this runner and this phase.
-    fn maybe_fault(&mut self, phase: FaultPhase) {
+    /// What the runner already said is flushed first, so the node has seen
+    /// the phase the fault is injected in.
+    async fn maybe_fault(&mut self, phase: FaultPhase) {
         let Some(fault) = &self.fault else { return };
         if fault.runner != self.args.rank || fault.phase != phase {
             return;
         }
         let kind = fault.kind.clone();
         self.fault = None;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tx.flushed()).await;
         let at = phase.phase();
         eprintln!("scripted fault: {} at {at}", kind.name());
         match kind {
@@ -272,6 +275,8 @@ impl Runner {
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
                 self.stalled = true;
             }
+            FaultKind::Garbage => write_raw(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            FaultKind::OversizeFrame => write_raw(&(1u32 << 30).to_le_bytes()),
             FaultKind::SlowDrain { delay_ms } => self.slow_drain = Some(Duration::from_millis(delay_ms)),
         }
     }
@@ -297,17 +302,17 @@ impl Runner {
         match msg {
             ToRunner::Connect { peers } => {
                 self.set_state(RunnerState::Connecting).await;
-                self.maybe_fault(FaultPhase::Connecting);
+                self.maybe_fault(FaultPhase::Connecting).await;
                 self.engine(EngineCmd::Connect(peers));
             }
             ToRunner::Load => {
                 self.set_state(RunnerState::Loading { done: 0, total: 0 }).await;
-                self.maybe_fault(FaultPhase::Loading);
+                self.maybe_fault(FaultPhase::Loading).await;
                 self.engine(EngineCmd::Load);
             }
             ToRunner::WarmUp => {
                 self.set_state(RunnerState::WarmingUp).await;
-                self.maybe_fault(FaultPhase::WarmingUp);
+                self.maybe_fault(FaultPhase::WarmingUp).await;
                 self.engine(EngineCmd::WarmUp);
             }
             ToRunner::Task(request) => {
@@ -337,12 +342,12 @@ impl Runner {
                 Phase::Loading => self.set_state(RunnerState::Loaded).await,
                 Phase::WarmingUp => {
                     self.set_state(RunnerState::Ready).await;
-                    self.maybe_fault(FaultPhase::Ready);
+                    self.maybe_fault(FaultPhase::Ready).await;
                 }
                 _ => {}
             },
             EngineEvent::Step { task_id, index, text } => {
-                self.maybe_fault(FaultPhase::Running);
+                self.maybe_fault(FaultPhase::Running).await;
                 if let Some(text) = text {
                     self.send(FromRunner::Token { task_id, index, text }).await;
                 }
@@ -389,7 +394,7 @@ impl Runner {
             }
             return;
         }
-        self.maybe_fault(FaultPhase::ShuttingDown);
+        self.maybe_fault(FaultPhase::ShuttingDown).await;
         if self.stalled {
             return;
         }
@@ -542,6 +547,12 @@ async fn main_loop(args: RunnerArgs) -> i32 {
     }
     runner.tx.finished().await;
     0
+}
+
+/// Writes bytes onto the node channel behind the channel's back (faults only).
+fn write_raw(bytes: &[u8]) {
+    // SAFETY: fd 3 is the open channel socket and `bytes` is a valid buffer.
+    let _ = unsafe { libc::write(IPC_FD, bytes.as_ptr().cast(), bytes.len()) };
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -391,6 +391,15 @@ impl Slot {
     fn exited(&self) -> bool {
         self.exit.is_some()
     }
+
+    /// The phase the runner is in as far as the node knows: the one it was
+    /// asked to enter (its deadline) even if it died before confirming.
+    fn phase(&self) -> Phase {
+        match self.deadline {
+            Some((_, phase, _)) => phase,
+            None => self.state.phase(),
+        }
+    }
 }
 
 struct TaskEntry {
@@ -786,7 +795,7 @@ impl Actor {
                 }
             }
             RunnerEvent::Message(FromRunner::Rejected { request, reason }) => {
-                let phase = self.slots[rank].state.phase();
+                let phase = self.slots[rank].phase();
                 self.fail(rank, phase, format!("rejected {request}: {reason}"))
                     .await;
             }
@@ -874,28 +883,22 @@ impl Actor {
     ) {
         let now = Instant::now();
         let slot = &mut self.slots[rank];
+        let phase = slot.phase();
         slot.exit = Some(cause);
         slot.deadline = None;
         slot.channel = slot.handle.as_ref().map(|h| h.channel_stats());
         let hung = slot.hung;
-        let phase = slot.state.phase();
-        let graceful = self.teardown.is_some() && channel == ChannelEnd::End && cause.is_success();
+        let what = match (hung, &channel) {
+            (Some(silent), _) => format!("hung (no pong for {} ms), killed: {cause}", silent.as_millis()),
+            (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
+            (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
+                format!("exited with {cause}; its channel broke: {detail}")
+            }
+            (None, _) => format!("exited with {cause}"),
+        };
         if self.teardown.is_none() {
             // A runner ended while the instance was starting or serving.
-            let what = match (hung, &channel) {
-                (Some(silent), _) => format!(
-                    "hung (no pong for {} ms), killed: {cause}",
-                    silent.as_millis()
-                ),
-                (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
-                (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
-                    format!("exited with {cause}; its channel broke: {detail}")
-                }
-                (None, _) => format!("exited with {cause}"),
-            };
-            self.fail(rank, phase, what).await;
-        } else if !graceful {
-            tracing::debug!(instance = %self.spec.instance_id, runner = %self.slots[rank].runner_id, %cause, "runner exit during teardown");
+            self.fail(rank, phase, what.clone()).await;
         }
         // Tasks that were waiting only for this runner are now decided.
         let waiting: Vec<String> = self
@@ -919,7 +922,8 @@ impl Actor {
             self.finish_task(&task_id, outcome);
         }
         if let Some(teardown) = &mut self.teardown {
-            let actions = teardown.coordinator.on_exited(rank, cause, stop, now);
+            let detail = format!("failed in phase {phase}: {what}");
+            let actions = teardown.coordinator.on_exited(rank, cause, stop, Some(detail), now);
             self.perform(actions).await;
         }
         self.slots[rank].handle = None;
@@ -1164,7 +1168,7 @@ impl Actor {
             );
         }
         let report = teardown.coordinator.report_mut().clone();
-        if report.is_clean() {
+        if report.is_clean() || teardown.after_failure {
             tracing::info!(instance = %self.spec.instance_id, total_ms = report.total_ms, "shutdown complete");
         } else {
             tracing::warn!(instance = %self.spec.instance_id, escalations = ?report.escalations, errors = ?report.errors, "shutdown completed with escalations or errors");

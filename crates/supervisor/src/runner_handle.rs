@@ -25,9 +25,13 @@ use crate::logs::{pump_lines, LogRing, Stream};
 use crate::process::{ExitCause, RunnerCommand, RunnerProcess, Spawner, StopOutcome};
 use crate::statedir::StateDir;
 
-/// How long the watcher waits, after one of (process exit, channel end), for
-/// the other before forcing it.
-const PAIRING_WAIT: Duration = Duration::from_secs(2);
+/// After the channel was lost, how long the process may take to exit by
+/// itself (a crash closes the socket a moment before the exit is seen)
+/// before it is killed: a runner whose channel broke is of no use.
+const EXIT_AFTER_LOSS: Duration = Duration::from_millis(200);
+/// After the exit, how long to wait for the channel to reach its end (the
+/// rest of what the runner sent, then EOF).
+const CHANNEL_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Heartbeat {
@@ -159,21 +163,15 @@ impl RunnerHandle {
         );
         let ring = LogRing::new(200);
         let log_file = state_dir.logs_dir().join(format!("{key}.log"));
+        let mut pumps = Vec::new();
         for (reader, stream) in [
-            (
-                Box::new(spawned.stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                Stream::Stdout,
-            ),
+            (Box::new(spawned.stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Stream::Stdout),
             (Box::new(spawned.stderr), Stream::Stderr),
         ] {
             let runner_id = spec.runner_id.clone();
-            tokio::spawn(pump_lines(
-                reader,
-                stream,
-                log_file.clone(),
-                ring.clone(),
-                move |stream, line| reemit(&runner_id, stream, line),
-            ));
+            pumps.push(tokio::spawn(pump_lines(reader, stream, log_file.clone(), ring.clone(), move |stream, line| {
+                reemit(&runner_id, stream, line)
+            })));
         }
         let (cmds, cmd_rx) = mpsc::channel(4);
         let watcher = Watcher {
@@ -186,6 +184,7 @@ impl RunnerHandle {
             tx: tx.clone(),
             events,
             heartbeat: spec.heartbeat,
+            pumps,
         };
         tokio::spawn(watcher.run(cmd_rx));
         Ok(RunnerHandle {
@@ -294,6 +293,8 @@ struct Watcher {
     tx: ipc::Sender<ToRunner>,
     events: mpsc::Sender<(u32, RunnerEvent)>,
     heartbeat: Heartbeat,
+    /// The stdout and stderr pumps; they end at EOF, right after the exit.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Watcher {
@@ -322,7 +323,7 @@ impl Watcher {
                 biased;
                 cause = self.process.wait(), if exit.is_none() => {
                     exit = Some(cause);
-                    pairing_deadline.get_or_insert(Instant::now() + PAIRING_WAIT);
+                    pairing_deadline = Some(Instant::now() + CHANNEL_AFTER_EXIT);
                 }
                 incoming = self.rx.recv(), if channel.is_none() => match incoming {
                     Incoming::Data(msg) => self.emit(RunnerEvent::Message(msg)).await,
@@ -338,7 +339,7 @@ impl Watcher {
                     }
                     Incoming::PeerLost(lost) => {
                         channel = Some(ChannelEnd::PeerLost(lost.to_string()));
-                        pairing_deadline.get_or_insert(Instant::now() + PAIRING_WAIT);
+                        pairing_deadline.get_or_insert(Instant::now() + EXIT_AFTER_LOSS);
                     }
                 },
                 Some(cmd) = cmds.recv() => match cmd {
@@ -347,7 +348,7 @@ impl Watcher {
                             let outcome = self.process.terminate(term_first, grace).await;
                             exit = Some(outcome.exit);
                             stop = Some(outcome);
-                            pairing_deadline.get_or_insert(Instant::now() + PAIRING_WAIT);
+                            pairing_deadline = Some(Instant::now() + CHANNEL_AFTER_EXIT);
                         }
                     }
                 },
@@ -360,7 +361,7 @@ impl Watcher {
                             let outcome = self.process.terminate(false, Duration::ZERO).await;
                             exit = Some(outcome.exit);
                             stop = Some(outcome);
-                            pairing_deadline.get_or_insert(Instant::now() + PAIRING_WAIT);
+                            pairing_deadline = Some(Instant::now() + CHANNEL_AFTER_EXIT);
                             continue;
                         }
                     } else {
@@ -378,13 +379,18 @@ impl Watcher {
                         let outcome = self.process.terminate(false, Duration::ZERO).await;
                         exit = Some(outcome.exit);
                         stop = Some(outcome);
+                        pairing_deadline = Some(Instant::now() + CHANNEL_AFTER_EXIT);
                     } else if channel.is_none() {
                         channel = Some(ChannelEnd::Open);
+                        pairing_deadline = None;
                     }
-                    pairing_deadline = None;
                 }
             }
         }
+        // Let the output pumps read to EOF, so the last lines are in the ring
+        // and the pipes are closed before the instance hears of the exit.
+        let pumps = std::mem::take(&mut self.pumps);
+        let _ = tokio::time::timeout(CHANNEL_AFTER_EXIT, futures_join_all(pumps)).await;
         self.state_dir.forget_runner(&self.key);
         let cause = exit.unwrap_or(ExitCause::Code(-1));
         let channel = channel.unwrap_or(ChannelEnd::Open);
@@ -394,6 +400,12 @@ impl Watcher {
             stop,
         })
         .await;
+    }
+}
+
+async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for handle in handles {
+        let _ = handle.await;
     }
 }
 

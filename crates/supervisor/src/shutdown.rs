@@ -205,36 +205,36 @@ impl ShutdownCoordinator {
         actions
     }
 
+    /// A runner's process was reaped. `detail` says what went wrong when
+    /// it did not stop by itself after ending its stream (hung, crashed).
     pub fn on_exited(
         &mut self,
         rank: usize,
         exit: ExitCause,
         stop: Option<StopOutcome>,
+        detail: Option<String>,
         now: Instant,
     ) -> Vec<Action> {
         let runner = &mut self.runners[rank];
+        if runner.exited {
+            // Gone before the shutdown began: the reason for it, not news.
+            self.report.runners[rank].exit.get_or_insert(exit);
+            return self.advance(now, false);
+        }
         runner.exited = true;
         runner.acked = true;
-        let ended = runner.ended;
+        let clean = runner.ended && exit.is_success();
         runner.ended = true;
+        let escalated = runner.escalated;
         let entry = &mut self.report.runners[rank];
         entry.exit = Some(exit);
-        if stop
-            .as_ref()
-            .is_some_and(|s| s.sent_sigterm || s.sent_sigkill)
-        {
+        if stop.as_ref().is_some_and(|s| s.sent_sigterm || s.sent_sigkill) {
             entry.escalation = stop;
         }
-        if !(ended && exit.is_success()) && entry.escalation.is_none() {
-            let how = if ended {
-                "after its end"
-            } else {
-                "before ending its stream"
-            };
-            self.report.errors.push(format!(
-                "runner {} exited {how} with {exit}",
-                entry.runner_id
-            ));
+        // A stop this coordinator escalated is already in `escalations`.
+        if !clean && !escalated {
+            let what = detail.unwrap_or_else(|| format!("exited with {exit} before ending its stream"));
+            self.report.errors.push(format!("runner {}: {what}", entry.runner_id));
         }
         self.advance(now, false)
     }
@@ -361,8 +361,8 @@ mod tests {
         assert_eq!(c.on_ended(1, t), vec![Action::Close(1)]);
         assert_eq!(c.on_ended(0, t), vec![Action::Close(0)]);
         assert_eq!(c.phase(), ShutdownPhase::Closing);
-        c.on_exited(0, ExitCause::Code(0), None, t);
-        c.on_exited(1, ExitCause::Code(0), None, t);
+        c.on_exited(0, ExitCause::Code(0), None, None, t);
+        c.on_exited(1, ExitCause::Code(0), None, None, t);
         assert!(c.is_done());
         let report = c.report_mut().clone();
         assert!(report.is_clean(), "{report:?}");
@@ -400,16 +400,16 @@ mod tests {
             }]
         );
         assert_eq!(c.phase(), ShutdownPhase::Closing);
+        c.on_exited(0, ExitCause::Code(0), None, None, t2);
         // A second timeout does not escalate again.
         assert!(c.on_timeout(t2 + Duration::from_secs(2)).is_empty());
-        c.on_exited(0, ExitCause::Code(0), None, t2);
         let stop = StopOutcome {
             exit: ExitCause::Signal(9),
             sent_sigterm: true,
             sent_sigkill: true,
             waited_ms: 1000.0,
         };
-        c.on_exited(1, ExitCause::Signal(9), Some(stop), t2);
+        c.on_exited(1, ExitCause::Signal(9), Some(stop), None, t2);
         assert!(c.is_done());
         let r = c.report_mut();
         assert_eq!(
@@ -425,11 +425,11 @@ mod tests {
         let t = Instant::now();
         let mut c = coordinator(1, t);
         c.on_ack(0, t);
-        c.on_exited(0, ExitCause::Signal(9), None, t);
+        c.on_exited(0, ExitCause::Signal(9), None, None, t);
         assert!(c.is_done());
         assert_eq!(
             c.report_mut().errors,
-            ["runner i/0 exited before ending its stream with signal=9 (SIGKILL)"]
+            ["runner i/0: exited with signal=9 (SIGKILL) before ending its stream"]
         );
     }
 

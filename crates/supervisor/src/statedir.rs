@@ -181,7 +181,9 @@ impl StateDir {
 
     /// Creates `runners/<key>.lock` with an exclusive flock held on it, and an
     /// empty `runners/<key>.pid`. Pass the returned fd as the runner's
-    /// `lock_fd`: the runner then holds the lock for its whole life.
+    /// `lock_fd`: the runner then holds the lock for its whole life. Should
+    /// the spawn fail, the fd is closed with the command and
+    /// [`StateDir::forget_runner`] removes the files.
     pub fn runner_lock(&self, key: &str) -> Result<OwnedFd, StateDirError> {
         validate_key(key)?;
         let lock_path = self.runner_file(key, LOCK_SUFFIX);

@@ -1,0 +1,281 @@
+//! A node under test: a real `shardvisor serve` process on a free loopback
+//! port with its own state dir, and helpers to drive and inspect it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Fails the test instead of hanging it.
+pub async fn watchdog<T>(what: &str, limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("watchdog: {what} did not happen within {limit:?}"),
+    }
+}
+
+pub fn fresh_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "shardvisor-it-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+pub struct TestNode {
+    pub child: Child,
+    pub base: String,
+    pub state_dir: PathBuf,
+    pub log_path: PathBuf,
+    keep_dir: bool,
+}
+
+impl TestNode {
+    pub fn start(tag: &str) -> TestNode {
+        Self::start_in(&fresh_dir(tag), false)
+    }
+
+    /// Starts a node on `state_dir`; `keep_dir` leaves it in place on drop.
+    pub fn start_in(state_dir: &Path, keep_dir: bool) -> TestNode {
+        let log_path = state_dir.join(format!("node-{}.log", fastrand::u32(..)));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardvisor"))
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .env("RUST_LOG", "info")
+            .env("SHARDVISOR_RUNNER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shardvisor serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read address line");
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("node did not start: {line:?}\n{log}")
+        });
+        TestNode {
+            child,
+            base: format!("http://{addr}"),
+            state_dir: state_dir.to_path_buf(),
+            log_path,
+            keep_dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let (status, text) =
+            node::client::request(method, &url, body.map(|b| b.to_string())).await.expect("request");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let (status, text) = node::client::request(method, &url, Some(body.to_string())).await.expect("request");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn create(&self, body: Value) -> String {
+        let (status, v) = self.call("POST", "/instance", Some(body)).await;
+        assert_eq!(status, 201, "create failed: {v}");
+        v["instance_id"].as_str().expect("instance_id").to_string()
+    }
+
+    pub async fn instance(&self, id: &str) -> Value {
+        let (status, v) = self.call("GET", &format!("/instance/{id}"), None).await;
+        assert_eq!(status, 200, "GET /instance/{id}: {v}");
+        v
+    }
+
+    /// Polls the instance until its state is one of `states`.
+    pub async fn wait_state(&self, id: &str, states: &[&str], limit: Duration) -> Value {
+        watchdog(&format!("instance {id} reaching {states:?}"), limit, async {
+            loop {
+                let v = self.instance(id).await;
+                if states.contains(&state_name(&v["state"])) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    pub async fn delete(&self, id: &str, query: &str) -> Value {
+        let (status, v) = self.call("DELETE", &format!("/instance/{id}{query}"), None).await;
+        assert_eq!(status, 200, "DELETE {id}: {v}");
+        v
+    }
+
+    pub async fn chat(&self, model: &str, prompt: &str, max_tokens: u32, stream: bool) -> node::client::LineStream {
+        let body = json!({
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        });
+        let url = format!("{}/v1/chat/completions", self.base);
+        node::client::stream("POST", &url, Some(body.to_string())).await.expect("chat request")
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Lines of the node's log and of every runner log that are WARN or
+    /// ERROR or mention a lost peer.
+    pub fn log_problems(&self) -> Vec<String> {
+        let mut files = vec![self.log_path.clone()];
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("logs")) {
+            files.extend(entries.flatten().map(|e| e.path()));
+        }
+        let mut problems = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            for line in text.lines() {
+                let lower = line.to_lowercase();
+                if line.contains("\"level\":\"WARN\"")
+                    || line.contains("\"level\":\"ERROR\"")
+                    || lower.contains("peer lost")
+                    || line.contains("PeerLost")
+                {
+                    problems.push(format!("{}: {line}", file.display()));
+                }
+            }
+        }
+        problems
+    }
+
+    pub fn assert_quiet(&self) {
+        let problems = self.log_problems();
+        assert!(problems.is_empty(), "graceful path logged problems:\n{}", problems.join("\n"));
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.keep_dir && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+}
+
+/// `{"ready": ..}`-style or `"ready"` state values → their name.
+pub fn state_name(v: &Value) -> &str {
+    match v {
+        Value::String(s) => s,
+        Value::Object(o) => o.get("state").and_then(|s| s.as_str()).or_else(|| o.keys().next().map(|k| k.as_str())).unwrap_or("?"),
+        _ => "?",
+    }
+}
+
+/// What a client saw on one streamed chat.
+#[derive(Debug, Default)]
+pub struct ChatResult {
+    pub status: u16,
+    pub text: String,
+    pub finish_reasons: Vec<String>,
+    pub errors: Vec<String>,
+    pub done_markers: u32,
+    pub task_id: Option<String>,
+}
+
+impl ChatResult {
+    /// Exactly one terminal outcome: one finish reason or one error.
+    pub fn terminal_outcomes(&self) -> usize {
+        self.finish_reasons.len() + self.errors.len()
+    }
+}
+
+pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
+    let mut result = ChatResult { status: stream.status, ..Default::default() };
+    if stream.status != 200 {
+        while let Some(line) = stream.next_line().await.expect("body") {
+            result.errors.push(line);
+        }
+        return result;
+    }
+    while let Some(data) = stream.next_data().await.expect("sse") {
+        if data == "[DONE]" {
+            result.done_markers += 1;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).expect("sse json");
+        if let Some(err) = v.get("error") {
+            result.errors.push(err["message"].as_str().unwrap_or("").to_string());
+            continue;
+        }
+        if result.task_id.is_none() {
+            result.task_id = v["id"].as_str().and_then(|s| s.strip_prefix("chatcmpl-")).map(String::from);
+        }
+        let choice = &v["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            result.text.push_str(t);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            result.finish_reasons.push(f.to_string());
+        }
+    }
+    result
+}
+
+/// Pids of live runner processes of `instance_id` (scans /proc).
+pub fn runner_pids(instance_id: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains("runner\0") || !cmdline.contains(instance_id) {
+            continue;
+        }
+        // A zombie is dead already: only its parent's reaping is missing.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next().unwrap_or('?'));
+        if state != Some('Z') {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Short deadlines so fault tests finish quickly.
+pub fn fast_timeouts() -> Value {
+    json!({
+        "spawn_ms": 5000,
+        "connect_ms": 1500,
+        "load_ms": 1500,
+        "warmup_ms": 1500,
+        "ping_interval_ms": 100,
+        "ping_timeout_ms": 500,
+        "task_stall_ms": 1000,
+        "signal_ms": 500,
+        "drain_ms": 1000,
+        "close_ms": 1000,
+        "term_grace_ms": 300,
+    })
+}

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ipc::{channel, ChannelConfig, Incoming, Receiver, Sender, Transport};
+use ipc::{channel, Blob, ChannelConfig, Incoming, Receiver, Sender, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
@@ -15,9 +15,19 @@ const LARGE: usize = 1 << 20;
 /// Read/write buffer of the bare baseline, the same size `ipc` uses.
 const BUF: usize = 64 * 1024;
 
-/// Payload for the one-way stream: `Sender<&'static [u8]>` encodes exactly like
-/// `Vec<u8>` (postcard: length + bytes), so the sender needs no clone per message.
+/// Payload for the one-way stream, sent as [`StaticBytes`] so the sender needs
+/// no clone per message.
 static PAYLOAD: [u8; LARGE] = [0; LARGE];
+
+/// Borrowed bytes encoded like [`ipc::Blob`] (one byte string): the same wire
+/// bytes, decoded on the other side as a `Blob`.
+struct StaticBytes(&'static [u8]);
+
+impl serde::Serialize for StaticBytes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
 
 #[derive(Clone, Copy)]
 struct Plan {
@@ -80,9 +90,9 @@ fn expect_data<T>(event: Incoming<T>) -> T {
 /// Ping-pong over `ipc`: A sends, B echoes, A receives. Returns one sample per
 /// measured iteration.
 async fn rtt_ipc<S: Transport>(a: S, b: S, plan: Plan) -> Vec<Duration> {
-    let (tx_a, mut rx_a): (Sender<Vec<u8>>, Receiver<Vec<u8>>) =
+    let (tx_a, mut rx_a): (Sender<Blob>, Receiver<Blob>) =
         channel(a, ChannelConfig::named("bench-ping"));
-    let (tx_b, mut rx_b): (Sender<Vec<u8>>, Receiver<Vec<u8>>) =
+    let (tx_b, mut rx_b): (Sender<Blob>, Receiver<Blob>) =
         channel(b, ChannelConfig::named("bench-echo"));
     let echo = tokio::spawn(async move {
         while let Incoming::Data(msg) = rx_b.recv().await {
@@ -92,7 +102,7 @@ async fn rtt_ipc<S: Transport>(a: S, b: S, plan: Plan) -> Vec<Duration> {
     });
     // The echoed Vec is sent again: no payload is built per iteration here
     // (decoding on each side still allocates one).
-    let mut msg = vec![0xA5u8; plan.size];
+    let mut msg = Blob(vec![0xA5u8; plan.size]);
     let mut samples = Vec::with_capacity(plan.iters);
     for i in 0..plan.warmup + plan.iters {
         let t = Instant::now();
@@ -102,7 +112,7 @@ async fn rtt_ipc<S: Transport>(a: S, b: S, plan: Plan) -> Vec<Duration> {
             samples.push(t.elapsed());
         }
     }
-    assert_eq!(msg.len(), plan.size);
+    assert_eq!(msg.0.len(), plan.size);
     tx_a.close("done").await.expect("close");
     assert!(matches!(rx_a.recv().await, Incoming::End { .. }));
     echo.await.expect("echo task");
@@ -166,15 +176,15 @@ async fn rtt_bare(plan: Plan) -> Vec<Duration> {
 /// One-way stream of `plan.stream` messages then `End`; returns the time from
 /// the start of sending until the receiver saw `End`.
 async fn tput_ipc<S: Transport>(a: S, b: S, plan: Plan) -> Duration {
-    let (tx, _rx_a): (Sender<&'static [u8]>, Receiver<()>) =
+    let (tx, _rx_a): (Sender<StaticBytes>, Receiver<()>) =
         channel(a, ChannelConfig::named("bench-producer"));
-    let (tx_b, mut rx): (Sender<()>, Receiver<Vec<u8>>) =
+    let (tx_b, mut rx): (Sender<()>, Receiver<Blob>) =
         channel(b, ChannelConfig::named("bench-consumer"));
     let (n, payload) = (plan.stream, &PAYLOAD[..plan.size]);
     let start = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
-            tx.send(payload).await.expect("send");
+            tx.send(StaticBytes(payload)).await.expect("send");
         }
         tx.close("done").await.expect("close");
         tx // kept alive until the consumer is done
@@ -184,7 +194,7 @@ async fn tput_ipc<S: Transport>(a: S, b: S, plan: Plan) -> Duration {
         match rx.recv().await {
             Incoming::End { .. } => break,
             event => {
-                assert_eq!(expect_data(event).len(), plan.size);
+                assert_eq!(expect_data(event).0.len(), plan.size);
                 got += 1;
             }
         }

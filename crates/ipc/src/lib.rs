@@ -16,6 +16,7 @@
 //! * **Observable.** Every channel registers live [`ChannelStats`] in a
 //!   per-process registry ([`stats::snapshot`]).
 
+mod blob;
 mod channel;
 pub mod frame;
 pub mod proto;
@@ -23,6 +24,7 @@ pub mod state;
 pub mod stats;
 mod transport;
 
+pub use blob::Blob;
 pub use channel::{channel, ChannelConfig, Incoming, PeerLost, Receiver, SendError, Sender};
 pub use frame::{Control, FrameError, ShutdownMode};
 pub use state::ChannelState;

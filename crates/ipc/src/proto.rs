@@ -38,11 +38,21 @@ pub struct TaskRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromRunner {
     Status(RunnerState),
-    Token { task_id: String, index: u32, text: String },
-    TaskDone { task_id: String, outcome: TaskOutcome },
+    Token {
+        task_id: String,
+        index: u32,
+        text: String,
+    },
+    TaskDone {
+        task_id: String,
+        outcome: TaskOutcome,
+    },
     /// A message that does not fit the current state, answered instead of
     /// acted on.
-    Rejected { request: String, reason: String },
+    Rejected {
+        request: String,
+        reason: String,
+    },
 }
 
 /// The runner state machine of DESIGN §3.
@@ -132,9 +142,17 @@ impl RunnerState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskOutcome {
-    Completed { prompt_tokens: u32, completion_tokens: u32, finish_reason: String },
-    Cancelled { reason: String },
-    Failed { cause: String },
+    Completed {
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        finish_reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
+    Failed {
+        cause: String,
+    },
 }
 
 #[cfg(test)]
@@ -150,28 +168,52 @@ mod tests {
             RunnerState::Idle,
             RunnerState::Loading { done: 1, total: 4 },
             RunnerState::Running { tasks: 2 },
-            RunnerState::Failed { phase: Phase::Loading, cause: "x".into() },
+            RunnerState::Failed {
+                phase: Phase::Loading,
+                cause: "x".into(),
+            },
         ];
         let mut msgs: Vec<FromRunner> = states.into_iter().map(FromRunner::Status).collect();
-        msgs.push(FromRunner::Token { task_id: "t".into(), index: 3, text: "hi ".into() });
+        msgs.push(FromRunner::Token {
+            task_id: "t".into(),
+            index: 3,
+            text: "hi ".into(),
+        });
         for outcome in [
-            TaskOutcome::Completed { prompt_tokens: 1, completion_tokens: 2, finish_reason: "stop".into() },
+            TaskOutcome::Completed {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                finish_reason: "stop".into(),
+            },
             TaskOutcome::Cancelled { reason: "r".into() },
             TaskOutcome::Failed { cause: "c".into() },
         ] {
-            msgs.push(FromRunner::TaskDone { task_id: "t".into(), outcome });
+            msgs.push(FromRunner::TaskDone {
+                task_id: "t".into(),
+                outcome,
+            });
         }
-        msgs.push(FromRunner::Rejected { request: "load".into(), reason: "r".into() });
+        msgs.push(FromRunner::Rejected {
+            request: "load".into(),
+            reason: "r".into(),
+        });
         for msg in msgs {
             let bytes = encode_data(&msg, 1 << 20).unwrap();
             let (frame, _) = decode::<FromRunner>(&bytes, 1 << 20).unwrap().unwrap();
             assert_eq!(frame, Frame::Data(msg));
         }
         let to = [
-            ToRunner::Connect { peers: vec!["a".into()] },
+            ToRunner::Connect {
+                peers: vec!["a".into()],
+            },
             ToRunner::Load,
             ToRunner::WarmUp,
-            ToRunner::Task(TaskRequest { task_id: "t".into(), trace_id: "x".into(), prompt: "p".into(), max_tokens: 4 }),
+            ToRunner::Task(TaskRequest {
+                task_id: "t".into(),
+                trace_id: "x".into(),
+                prompt: "p".into(),
+                max_tokens: 4,
+            }),
         ];
         for msg in to {
             let bytes = encode_data(&msg, 1 << 20).unwrap();

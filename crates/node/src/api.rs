@@ -45,7 +45,10 @@ pub struct ApiError(StatusCode, ErrorBody);
 
 impl ApiError {
     fn bad_request(message: impl Into<String>) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, ErrorBody::new("invalid_request_error", message))
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            ErrorBody::new("invalid_request_error", message),
+        )
     }
 }
 
@@ -68,19 +71,29 @@ impl From<NodeError> for ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorBody::new("unavailable_error", e.to_string()))
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new("unavailable_error", e.to_string()),
+        )
     }
 }
 
 /// Parses a JSON body with an error that names the problem and its place.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("invalid {what} body: {e} (line {}, column {})", e.line(), e.column()))
+        ApiError::bad_request(format!(
+            "invalid {what} body: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
     })
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, ErrorBody::new("not_found_error", "no such endpoint"))
+    ApiError(
+        StatusCode::NOT_FOUND,
+        ErrorBody::new("not_found_error", "no such endpoint"),
+    )
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -94,10 +107,17 @@ async fn state(State(node): State<Arc<Node>>) -> Json<crate::node::NodeState> {
 async fn create_instance(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateInstance = parse_json(&body, "POST /instance")?;
     let handle = node.create_instance(req)?;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({"instance_id": handle.instance_id}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"instance_id": handle.instance_id})),
+    )
+        .into_response())
 }
 
-async fn get_instance(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_instance(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(node.instance_view(&id)?).into_response())
 }
 
@@ -118,10 +138,14 @@ async fn delete_instance(
         None | Some("drain") => ShutdownMode::Drain,
         Some("cancel") => ShutdownMode::Cancel,
         Some(other) => {
-            return Err(ApiError::bad_request(format!("mode must be drain or cancel, got {other:?}")))
+            return Err(ApiError::bad_request(format!(
+                "mode must be drain or cancel, got {other:?}"
+            )))
         }
     };
-    let report = node.delete_instance(&id, mode, params.timeout_ms.map(Duration::from_millis)).await?;
+    let report = node
+        .delete_instance(&id, mode, params.timeout_ms.map(Duration::from_millis))
+        .await?;
     Ok(Json(report).into_response())
 }
 
@@ -135,7 +159,10 @@ async fn models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"object": "list", "data": data}))
 }
 
-async fn cancel(State(node): State<Arc<Node>>, Path(task_id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel(
+    State(node): State<Arc<Node>>,
+    Path(task_id): Path<String>,
+) -> Result<Response, ApiError> {
     let not_found = || NodeError::NotFound(format!("no task {task_id:?} in flight on this node"));
     let handle = node.instance_of_task(&task_id).ok_or_else(not_found)?;
     if !handle.cancel(&task_id).await {
@@ -145,15 +172,23 @@ async fn cancel(State(node): State<Arc<Node>>, Path(task_id): Path<String>) -> R
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_json(&body, "chat completion")?;
     if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must hold at least one message"));
+        return Err(ApiError::bad_request(
+            "messages must hold at least one message",
+        ));
     }
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
     if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
         return Err(ApiError::bad_request(format!(
             "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
@@ -169,7 +204,13 @@ async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, Ap
         .content
         .clone();
     let trace_id = format!("{:016x}", fastrand::u64(..));
-    let task = handle.submit(TaskSubmit { prompt, max_tokens, trace_id }).await?;
+    let task = handle
+        .submit(TaskSubmit {
+            prompt,
+            max_tokens,
+            trace_id,
+        })
+        .await?;
     let model = handle.instance_id.clone();
     if req.stream {
         Ok(stream_response(task, model).into_response())
@@ -185,15 +226,31 @@ async fn collect_response(mut task: TaskStream, model: String) -> Result<Respons
             TaskEvent::Token(t) => text.push_str(&t),
             TaskEvent::Done(outcome) => {
                 let (finish, usage) = match outcome {
-                    TaskOutcome::Completed { prompt_tokens, completion_tokens, finish_reason } => (
+                    TaskOutcome::Completed {
+                        prompt_tokens,
+                        completion_tokens,
                         finish_reason,
-                        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+                    } => (
+                        finish_reason,
+                        Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                            total_tokens: prompt_tokens + completion_tokens,
+                        },
                     ),
-                    TaskOutcome::Cancelled { .. } => {
-                        ("cancelled".to_string(), Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 })
-                    }
+                    TaskOutcome::Cancelled { .. } => (
+                        "cancelled".to_string(),
+                        Usage {
+                            prompt_tokens: 0,
+                            completion_tokens: 0,
+                            total_tokens: 0,
+                        },
+                    ),
                     TaskOutcome::Failed { cause } => {
-                        return Err(ApiError(StatusCode::BAD_GATEWAY, ErrorBody::new("runner_error", cause)))
+                        return Err(ApiError(
+                            StatusCode::BAD_GATEWAY,
+                            ErrorBody::new("runner_error", cause),
+                        ))
                     }
                 };
                 let id = format!("chatcmpl-{}", task.task_id);
@@ -202,7 +259,10 @@ async fn collect_response(mut task: TaskStream, model: String) -> Result<Respons
             }
         }
     }
-    Err(ApiError(StatusCode::BAD_GATEWAY, ErrorBody::new("runner_error", "task ended without an outcome")))
+    Err(ApiError(
+        StatusCode::BAD_GATEWAY,
+        ErrorBody::new("runner_error", "task ended without an outcome"),
+    ))
 }
 
 enum StreamState {
@@ -211,7 +271,10 @@ enum StreamState {
     Finished,
 }
 
-fn stream_response(task: TaskStream, model: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+fn stream_response(
+    task: TaskStream,
+    model: String,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let created = now_unix();
     let id = format!("chatcmpl-{}", task.task_id);
     let events = stream::unfold(StreamState::Start(task), move |state| {
@@ -228,26 +291,47 @@ fn stream_response(task: TaskStream, model: String) -> Sse<impl Stream<Item = Re
                 StreamState::Streaming(mut task) => match task.next().await {
                     Some(TaskEvent::Token(text)) => {
                         let delta = serde_json::json!({"content": text});
-                        let chunk = data(openai::chunk_json(&id, &model, created, delta, None, None));
+                        let chunk =
+                            data(openai::chunk_json(&id, &model, created, delta, None, None));
                         Some((vec![chunk], StreamState::Streaming(task)))
                     }
                     Some(TaskEvent::Done(outcome)) => {
                         let events = match outcome {
-                            TaskOutcome::Completed { prompt_tokens, completion_tokens, finish_reason } => {
+                            TaskOutcome::Completed {
+                                prompt_tokens,
+                                completion_tokens,
+                                finish_reason,
+                            } => {
                                 let usage = Usage {
                                     prompt_tokens,
                                     completion_tokens,
                                     total_tokens: prompt_tokens + completion_tokens,
                                 };
-                                let end = openai::chunk_json(&id, &model, created, serde_json::json!({}), Some(&finish_reason), Some(usage));
+                                let end = openai::chunk_json(
+                                    &id,
+                                    &model,
+                                    created,
+                                    serde_json::json!({}),
+                                    Some(&finish_reason),
+                                    Some(usage),
+                                );
                                 vec![data(end), Event::default().data("[DONE]")]
                             }
                             TaskOutcome::Cancelled { .. } => {
-                                let end = openai::chunk_json(&id, &model, created, serde_json::json!({}), Some("cancelled"), None);
+                                let end = openai::chunk_json(
+                                    &id,
+                                    &model,
+                                    created,
+                                    serde_json::json!({}),
+                                    Some("cancelled"),
+                                    None,
+                                );
                                 vec![data(end), Event::default().data("[DONE]")]
                             }
                             TaskOutcome::Failed { cause } => {
-                                let body = serde_json::to_value(ErrorBody::new("runner_error", cause)).unwrap_or_default();
+                                let body =
+                                    serde_json::to_value(ErrorBody::new("runner_error", cause))
+                                        .unwrap_or_default();
                                 vec![data(body)]
                             }
                         };
@@ -255,13 +339,17 @@ fn stream_response(task: TaskStream, model: String) -> Sse<impl Stream<Item = Re
                     }
                     None => {
                         let body = ErrorBody::new("runner_error", "task ended without an outcome");
-                        Some((vec![data(serde_json::to_value(body).unwrap_or_default())], StreamState::Finished))
+                        Some((
+                            vec![data(serde_json::to_value(body).unwrap_or_default())],
+                            StreamState::Finished,
+                        ))
                     }
                 },
                 StreamState::Finished => None,
             }
         }
     });
-    let flat = futures_util::StreamExt::flat_map(events, |batch| stream::iter(batch.into_iter().map(Ok)));
+    let flat =
+        futures_util::StreamExt::flat_map(events, |batch| stream::iter(batch.into_iter().map(Ok)));
     Sse::new(flat)
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipc::proto::TaskOutcome;
 use ipc::ShutdownMode;
-use supervisor::instance::{InstanceView, TaskEvent, TaskSubmit};
+use supervisor::instance::{TaskEvent, TaskSubmit};
 use supervisor::shutdown::ShutdownReport;
 use supervisor::statedir::StateDir;
 
@@ -20,7 +20,11 @@ use crate::logging::{self, LogFormat};
 use crate::node::{CreateInstance, Node};
 
 #[derive(Debug, Parser)]
-#[command(name = "shardvisor", version, about = "Run a model split across runner processes, race-free")]
+#[command(
+    name = "shardvisor",
+    version,
+    about = "Run a model split across runner processes, race-free"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
@@ -40,6 +44,8 @@ pub enum Command {
     Status(RemoteArgs),
     /// Show a running node's runners with their channel stats.
     Inspect(RemoteArgs),
+    /// Lifecycle benchmarks on an embedded node (markdown on stdout).
+    Bench(BenchArgs),
     /// Internal: the runner process, started by a node.
     #[command(hide = true)]
     Runner(RunnerCliArgs),
@@ -71,6 +77,26 @@ pub struct RunArgs {
     /// State directory (default: a fresh temporary one).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Spawn → Idle/Ready and graceful shutdown for 1, 4, 16 runners; crash detection.
+    Lifecycle {
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+    },
+    /// create → chat → delete cycles (a soak).
+    Cycles {
+        #[arg(long, default_value_t = 5000)]
+        n: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +142,11 @@ pub fn main(cli: Cli) -> anyhow::Result<i32> {
             logging::init(cli.log_format, "warn");
             runtime()?.block_on(run(args))
         }
+        Command::Bench(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime()?.block_on(bench(args))?;
+            Ok(0)
+        }
         Command::Status(args) => {
             logging::init(cli.log_format, "warn");
             runtime()?.block_on(status(args, false))?;
@@ -130,7 +161,10 @@ pub fn main(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn program() -> anyhow::Result<PathBuf> {
@@ -140,7 +174,10 @@ fn program() -> anyhow::Result<PathBuf> {
 /// Resolves on SIGTERM or SIGINT.
 async fn terminate_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -179,9 +216,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("shardvisor-bench-{}", std::process::id()));
+    let node = Node::start(&dir, program()?)?;
+    let result = match args.what {
+        BenchWhat::Lifecycle { iterations } => crate::bench::lifecycle(&node, iterations).await,
+        BenchWhat::Cycles { n } => crate::bench::cycles(&node, n).await,
+    };
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let temp = args.state_dir.is_none().then(|| std::env::temp_dir().join(format!("shardvisor-run-{}", std::process::id())));
-    let state_dir = args.state_dir.clone().or_else(|| temp.clone()).context("no state dir")?;
+    let temp = args
+        .state_dir
+        .is_none()
+        .then(|| std::env::temp_dir().join(format!("shardvisor-run-{}", std::process::id())));
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| temp.clone())
+        .context("no state dir")?;
     let node = Node::start(&state_dir, program()?)?;
     let result = run_once(&node, &args).await;
     drop(node);
@@ -193,23 +249,41 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
 
 async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let scripted = runner::scripted::ScriptedConfig { token_delay_ms: args.token_delay_ms, ..Default::default() };
+    let scripted = runner::scripted::ScriptedConfig {
+        token_delay_ms: args.token_delay_ms,
+        ..Default::default()
+    };
     let request = CreateInstance {
         model: args.model.clone(),
         runners: args.runners,
         scripted: Some(scripted),
         timeouts: None,
-        restart: Some(supervisor::restart::RestartConfig { max_restarts: 0, ..Default::default() }),
+        restart: Some(supervisor::restart::RestartConfig {
+            max_restarts: 0,
+            ..Default::default()
+        }),
     };
     let handle = node.create_instance(request)?;
     let mut err = std::io::stderr();
-    writeln!(err, "instance {} with {} runners: starting", handle.instance_id, args.runners)?;
+    writeln!(
+        err,
+        "instance {} with {} runners: starting",
+        handle.instance_id, args.runners
+    )?;
     if let Err(cause) = handle.wait_ready().await {
         bail!("instance did not start: {cause}");
     }
-    writeln!(err, "ready in {:.1} ms\n", started.elapsed().as_secs_f64() * 1000.0)?;
+    writeln!(
+        err,
+        "ready in {:.1} ms\n",
+        started.elapsed().as_secs_f64() * 1000.0
+    )?;
     let mut task = handle
-        .submit(TaskSubmit { prompt: args.prompt.clone(), max_tokens: args.max_tokens, trace_id: "run".into() })
+        .submit(TaskSubmit {
+            prompt: args.prompt.clone(),
+            max_tokens: args.max_tokens,
+            trace_id: "run".into(),
+        })
         .await?;
     let mut out = std::io::stdout();
     let mut code = 0;
@@ -219,9 +293,16 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
                 write!(out, "{text}")?;
                 out.flush()?;
             }
-            TaskEvent::Done(TaskOutcome::Completed { completion_tokens, finish_reason, .. }) => {
+            TaskEvent::Done(TaskOutcome::Completed {
+                completion_tokens,
+                finish_reason,
+                ..
+            }) => {
                 writeln!(out)?;
-                writeln!(err, "\n[{completion_tokens} tokens, finish_reason={finish_reason}]")?;
+                writeln!(
+                    err,
+                    "\n[{completion_tokens} tokens, finish_reason={finish_reason}]"
+                )?;
             }
             TaskEvent::Done(other) => {
                 writeln!(out)?;
@@ -230,7 +311,9 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let report = node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None).await?;
+    let report = node
+        .delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
+        .await?;
     print_report(&report);
     if !report.is_clean() {
         code = 1;
@@ -239,18 +322,35 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
 }
 
 fn print_report(report: &ShutdownReport) {
-    eprintln!("shutdown of {} ({:?}, {}): {:.1} ms", report.instance_id, report.mode, report.reason, report.total_ms);
+    eprintln!(
+        "shutdown of {} ({:?}, {}): {:.1} ms",
+        report.instance_id, report.mode, report.reason, report.total_ms
+    );
     for phase in &report.phases {
-        let note = if phase.timed_out { " (deadline reached)" } else { "" };
-        eprintln!("  {:<10} {:>8.1} ms{note}", format!("{:?}", phase.phase).to_lowercase(), phase.duration_ms);
+        let note = if phase.timed_out {
+            " (deadline reached)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "  {:<10} {:>8.1} ms{note}",
+            format!("{:?}", phase.phase).to_lowercase(),
+            phase.duration_ms
+        );
     }
     eprintln!(
         "  tasks: {} drained, {} cancelled, {} failed",
         report.tasks_drained, report.tasks_cancelled, report.tasks_failed
     );
     for runner in &report.runners {
-        let exit = runner.exit.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-        eprintln!("  runner {:<16} ended={} exit={exit}", runner.runner_id, runner.ended);
+        let exit = runner
+            .exit
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        eprintln!(
+            "  runner {:<16} ended={} exit={exit}",
+            runner.runner_id, runner.ended
+        );
     }
     for line in &report.escalations {
         eprintln!("  escalation: {line}");
@@ -270,10 +370,11 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
         bail!("{url} answered {code}: {body}");
     }
     let state: serde_json::Value = serde_json::from_str(&body).context("node state is not JSON")?;
-    let instances: Vec<InstanceView> = Vec::new();
-    let _ = instances;
     let node = &state["node"];
-    println!("node pid {} state_dir {} up {} ms", node["pid"], node["state_dir"], node["uptime_ms"]);
+    println!(
+        "node pid {} state_dir {} up {} ms",
+        node["pid"], node["state_dir"], node["uptime_ms"]
+    );
     let empty = Vec::new();
     let list = state["instances"].as_array().unwrap_or(&empty);
     if list.is_empty() {
@@ -294,10 +395,18 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
         if inspect {
             println!(
                 "  {:<16} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
-                "runner", "pid", "state", "channel", "sent", "recv", "queued", "bytes_in", "idle_ms"
+                "runner",
+                "pid",
+                "state",
+                "channel",
+                "sent",
+                "recv",
+                "queued",
+                "bytes_in",
+                "idle_ms"
             );
         } else {
-            println!("  {:<16} {:>7} {:<14} {}", "runner", "pid", "state", "exit");
+            println!("  {:<16} {:>7} {:<14} exit", "runner", "pid", "state");
         }
         for runner in instance["runners"].as_array().unwrap_or(&empty) {
             let ch = &runner["channel"];

@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 
 /// `http://host:port/path` → (`host:port`, `/path`).
 fn split_url(url: &str) -> anyhow::Result<(String, String)> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow!("only http:// URLs are supported: {url}"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs are supported: {url}"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -27,22 +29,34 @@ async fn send(
     body: Option<String>,
 ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     let (authority, path) = split_url(url)?;
-    let stream = TcpStream::connect(&authority).await.with_context(|| format!("cannot connect to {authority}"))?;
+    let stream = TcpStream::connect(&authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut builder = hyper::Request::builder().method(method).uri(path).header("host", authority);
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", authority);
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
     let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    Ok(sender.send_request(request).await.with_context(|| format!("{method} {url}"))?)
+    sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("{method} {url}"))
 }
 
 /// Sends a request and reads the whole body.
-pub async fn request(method: &str, url: &str, body: Option<String>) -> anyhow::Result<(u16, String)> {
+pub async fn request(
+    method: &str,
+    url: &str,
+    body: Option<String>,
+) -> anyhow::Result<(u16, String)> {
     let response = send(method, url, body).await?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await?.to_bytes();
@@ -98,5 +112,10 @@ impl LineStream {
 pub async fn stream(method: &str, url: &str, body: Option<String>) -> anyhow::Result<LineStream> {
     let response = send(method, url, body).await?;
     let status = response.status().as_u16();
-    Ok(LineStream { status, body: response.into_body(), buf: Vec::new(), done: false })
+    Ok(LineStream {
+        status,
+        body: response.into_body(),
+        buf: Vec::new(),
+        done: false,
+    })
 }

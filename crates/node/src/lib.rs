@@ -3,6 +3,7 @@
 //! ([`cli`]). The binary in `main.rs` only parses arguments and calls in.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod logging;

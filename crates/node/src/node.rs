@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use ipc::ShutdownMode;
 use serde::{Deserialize, Serialize};
-use supervisor::instance::{self, InstanceHandle, InstanceSpec, InstanceState, InstanceView, SupervisorContext, Timeouts};
+use supervisor::instance::{
+    self, InstanceHandle, InstanceSpec, InstanceState, InstanceView, SupervisorContext, Timeouts,
+};
 use supervisor::process::Spawner;
 use supervisor::restart::RestartConfig;
 use supervisor::shutdown::ShutdownReport;
@@ -96,7 +98,10 @@ impl Node {
             tracing::warn!(%error, "sweep");
         }
         let spawner = Spawner::start(tokio::runtime::Handle::current())?;
-        let ctx = Arc::new(SupervisorContext { spawner, state_dir: Arc::new(state_dir) });
+        let ctx = Arc::new(SupervisorContext {
+            spawner,
+            state_dir: Arc::new(state_dir),
+        });
         let mut runner_env = Vec::new();
         if let Ok(level) = std::env::var(crate::logging::RUNNER_LOG_ENV) {
             runner_env.push((crate::logging::RUNNER_LOG_ENV.to_string(), level));
@@ -184,7 +189,10 @@ impl Node {
         if let Some(handle) = instances.get(model) {
             return Ok(handle.clone());
         }
-        let mut serving = instances.values().filter(|h| h.view().model == model).peekable();
+        let mut serving = instances
+            .values()
+            .filter(|h| h.view().model == model)
+            .peekable();
         if serving.peek().is_none() {
             return Err(NodeError::NotFound(format!(
                 "model {model:?} is neither an instance id nor served by any instance: create one with POST /instance"
@@ -193,7 +201,9 @@ impl Node {
         serving
             .find(|h| h.view().state == InstanceState::Ready)
             .cloned()
-            .ok_or_else(|| NodeError::Unavailable(format!("no instance serving {model:?} is ready")))
+            .ok_or_else(|| {
+                NodeError::Unavailable(format!("no instance serving {model:?} is ready"))
+            })
     }
 
     /// The instance that owns `task_id` (task ids start with their instance id).
@@ -219,14 +229,20 @@ impl Node {
             }
             deleted.push_back(view);
         }
-        report.ok_or_else(|| NodeError::Unavailable(format!("instance {id} ended without a shutdown report")))
+        report.ok_or_else(|| {
+            NodeError::Unavailable(format!("instance {id} ended without a shutdown report"))
+        })
     }
 
     /// Shuts every instance down, concurrently.
     pub async fn shutdown_all(&self, mode: ShutdownMode) -> Vec<ShutdownReport> {
         let ids: Vec<String> = self.instances().keys().cloned().collect();
         let deletes = ids.iter().map(|id| self.delete_instance(id, mode, None));
-        futures_util::future::join_all(deletes).await.into_iter().filter_map(Result::ok).collect()
+        futures_util::future::join_all(deletes)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     pub fn state(&self) -> NodeState {

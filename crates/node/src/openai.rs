@@ -57,7 +57,14 @@ pub struct ErrorDetail {
 
 impl ErrorBody {
     pub fn new(kind: &str, message: impl Into<String>) -> Self {
-        ErrorBody { error: ErrorDetail { message: message.into(), kind: kind.into(), param: None, code: None } }
+        ErrorBody {
+            error: ErrorDetail {
+                message: message.into(),
+                kind: kind.into(),
+                param: None,
+                code: None,
+            },
+        }
     }
 }
 

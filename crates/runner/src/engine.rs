@@ -20,7 +20,10 @@ pub enum Step {
     /// A step done with nothing to emit (ranks that do not sample).
     Progress,
     /// The task is complete.
-    Finished { finish_reason: String, completion_tokens: u32 },
+    Finished {
+        finish_reason: String,
+        completion_tokens: u32,
+    },
 }
 
 pub trait Engine: Send + 'static {

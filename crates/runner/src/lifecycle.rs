@@ -20,9 +20,10 @@ pub fn admit(state: &RunnerState, msg: &ToRunner) -> Result<(), String> {
         ToRunner::Connect { .. } => (matches!(state, RunnerState::Idle), "idle"),
         ToRunner::Load => (matches!(state, RunnerState::Connected), "connected"),
         ToRunner::WarmUp => (matches!(state, RunnerState::Loaded), "loaded"),
-        ToRunner::Task(_) => {
-            (matches!(state, RunnerState::Ready | RunnerState::Running { .. }), "ready or running")
-        }
+        ToRunner::Task(_) => (
+            matches!(state, RunnerState::Ready | RunnerState::Running { .. }),
+            "ready or running",
+        ),
     };
     if ok {
         Ok(())
@@ -60,7 +61,12 @@ mod tests {
             RunnerState::ShuttingDown,
             RunnerState::Loading { done: 1, total: 2 },
         ];
-        let msgs = [ToRunner::Connect { peers: vec![] }, ToRunner::Load, ToRunner::WarmUp, task()];
+        let msgs = [
+            ToRunner::Connect { peers: vec![] },
+            ToRunner::Load,
+            ToRunner::WarmUp,
+            task(),
+        ];
         let mut admitted = Vec::new();
         for s in &states {
             for m in &msgs {
@@ -71,13 +77,22 @@ mod tests {
         }
         assert_eq!(
             admitted,
-            ["idle:connect", "connected:load", "loaded:warm_up", "ready:task", "running:task"]
+            [
+                "idle:connect",
+                "connected:load",
+                "loaded:warm_up",
+                "ready:task",
+                "running:task"
+            ]
         );
     }
 
     #[test]
     fn rejection_names_message_and_state() {
         let err = admit(&RunnerState::ShuttingDown, &task()).unwrap_err();
-        assert_eq!(err, "task is accepted only when the runner is ready or running; it is shutting_down");
+        assert_eq!(
+            err,
+            "task is accepted only when the runner is ready or running; it is shutting_down"
+        );
     }
 }

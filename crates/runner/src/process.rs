@@ -48,7 +48,10 @@ pub struct RunnerArgs {
 
 /// Runs the runner process to its end; returns the exit code.
 pub fn run(args: RunnerArgs) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runner {}: cannot start its runtime: {e}", args.runner_id);
@@ -87,10 +90,23 @@ enum EngineCmd {
 }
 
 enum EngineEvent {
-    Progress { done: u32, total: u32 },
-    PhaseDone { phase: Phase, result: Result<(), String> },
-    Step { task_id: String, index: u32, text: Option<String> },
-    TaskDone { task_id: String, outcome: TaskOutcome },
+    Progress {
+        done: u32,
+        total: u32,
+    },
+    PhaseDone {
+        phase: Phase,
+        result: Result<(), String>,
+    },
+    Step {
+        task_id: String,
+        index: u32,
+        text: Option<String>,
+    },
+    TaskDone {
+        task_id: String,
+        outcome: TaskOutcome,
+    },
 }
 
 struct Active<T> {
@@ -134,7 +150,10 @@ fn engine_thread<E: Engine>(
                 let result = engine.load(&mut |done, total| {
                     let _ = progress_events.blocking_send(EngineEvent::Progress { done, total });
                 });
-                send(EngineEvent::PhaseDone { phase: Phase::Loading, result: result.map_err(|e| e.0) })
+                send(EngineEvent::PhaseDone {
+                    phase: Phase::Loading,
+                    result: result.map_err(|e| e.0),
+                })
             }
             Some(EngineCmd::WarmUp) => send(EngineEvent::PhaseDone {
                 phase: Phase::WarmingUp,
@@ -160,28 +179,43 @@ fn engine_thread<E: Engine>(
         if !ok {
             return;
         }
-        let Some(mut a) = active.pop_front() else { continue };
+        let Some(mut a) = active.pop_front() else {
+            continue;
+        };
         let cancel = a.cancel.load(Ordering::Acquire);
         let event = if cancel != CANCEL_NONE {
             EngineEvent::TaskDone {
                 task_id: a.task_id,
-                outcome: TaskOutcome::Cancelled { reason: cancel_reason(cancel).into() },
+                outcome: TaskOutcome::Cancelled {
+                    reason: cancel_reason(cancel).into(),
+                },
             }
         } else {
             match engine.step(&mut a.task) {
                 Ok(Step::Token(text)) => {
-                    let ev = EngineEvent::Step { task_id: a.task_id.clone(), index: a.index, text: Some(text) };
+                    let ev = EngineEvent::Step {
+                        task_id: a.task_id.clone(),
+                        index: a.index,
+                        text: Some(text),
+                    };
                     a.index += 1;
                     active.push_back(a);
                     ev
                 }
                 Ok(Step::Progress) => {
-                    let ev = EngineEvent::Step { task_id: a.task_id.clone(), index: a.index, text: None };
+                    let ev = EngineEvent::Step {
+                        task_id: a.task_id.clone(),
+                        index: a.index,
+                        text: None,
+                    };
                     a.index += 1;
                     active.push_back(a);
                     ev
                 }
-                Ok(Step::Finished { finish_reason, completion_tokens }) => EngineEvent::TaskDone {
+                Ok(Step::Finished {
+                    finish_reason,
+                    completion_tokens,
+                }) => EngineEvent::TaskDone {
                     task_id: a.task_id,
                     outcome: TaskOutcome::Completed {
                         prompt_tokens: a.prompt_tokens,
@@ -277,7 +311,9 @@ impl Runner {
             }
             FaultKind::Garbage => write_raw(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]),
             FaultKind::OversizeFrame => write_raw(&(1u32 << 30).to_le_bytes()),
-            FaultKind::SlowDrain { delay_ms } => self.slow_drain = Some(Duration::from_millis(delay_ms)),
+            FaultKind::SlowDrain { delay_ms } => {
+                self.slow_drain = Some(Duration::from_millis(delay_ms))
+            }
         }
     }
 
@@ -288,7 +324,9 @@ impl Runner {
                 ToRunner::Task(request) => {
                     self.send(FromRunner::TaskDone {
                         task_id: request.task_id,
-                        outcome: TaskOutcome::Failed { cause: format!("runner {}: {reason}", self.args.runner_id) },
+                        outcome: TaskOutcome::Failed {
+                            cause: format!("runner {}: {reason}", self.args.runner_id),
+                        },
                     })
                     .await
                 }
@@ -306,7 +344,8 @@ impl Runner {
                 self.engine(EngineCmd::Connect(peers));
             }
             ToRunner::Load => {
-                self.set_state(RunnerState::Loading { done: 0, total: 0 }).await;
+                self.set_state(RunnerState::Loading { done: 0, total: 0 })
+                    .await;
                 self.maybe_fault(FaultPhase::Loading).await;
                 self.engine(EngineCmd::Load);
             }
@@ -333,11 +372,17 @@ impl Runner {
                     self.set_state(RunnerState::Loading { done, total }).await;
                 }
             }
-            EngineEvent::PhaseDone { phase, result: Err(cause) } => {
+            EngineEvent::PhaseDone {
+                phase,
+                result: Err(cause),
+            } => {
                 tracing::error!(%phase, %cause, "phase failed");
                 self.set_state(RunnerState::Failed { phase, cause }).await;
             }
-            EngineEvent::PhaseDone { phase, result: Ok(()) } => match phase {
+            EngineEvent::PhaseDone {
+                phase,
+                result: Ok(()),
+            } => match phase {
                 Phase::Connecting => self.set_state(RunnerState::Connected).await,
                 Phase::Loading => self.set_state(RunnerState::Loaded).await,
                 Phase::WarmingUp => {
@@ -346,10 +391,19 @@ impl Runner {
                 }
                 _ => {}
             },
-            EngineEvent::Step { task_id, index, text } => {
+            EngineEvent::Step {
+                task_id,
+                index,
+                text,
+            } => {
                 self.maybe_fault(FaultPhase::Running).await;
                 if let Some(text) = text {
-                    self.send(FromRunner::Token { task_id, index, text }).await;
+                    self.send(FromRunner::Token {
+                        task_id,
+                        index,
+                        text,
+                    })
+                    .await;
                 }
             }
             EngineEvent::TaskDone { task_id, outcome } => {
@@ -405,7 +459,12 @@ impl Runner {
             close_deadline: None,
             deadline_passed: false,
         });
-        tracing::debug!(?mode, deadline_ms = deadline.as_millis() as u64, tasks = self.tasks.len(), "shutting down");
+        tracing::debug!(
+            ?mode,
+            deadline_ms = deadline.as_millis() as u64,
+            tasks = self.tasks.len(),
+            "shutting down"
+        );
         self.set_state(RunnerState::ShuttingDown).await;
         if mode == ShutdownMode::Cancel {
             self.cancel_all(CANCEL_SHUTDOWN);
@@ -417,7 +476,9 @@ impl Runner {
     async fn maybe_finish_drain(&mut self) -> bool {
         let ready = match &self.shutdown {
             Some(plan) => {
-                plan.close_deadline.is_none() && self.tasks.is_empty() && Instant::now() >= plan.drain_from
+                plan.close_deadline.is_none()
+                    && self.tasks.is_empty()
+                    && Instant::now() >= plan.drain_from
             }
             None => false,
         };
@@ -443,10 +504,16 @@ async fn main_loop(args: RunnerArgs) -> i32 {
     // SAFETY: the node passes the channel socket as fd 3 and nothing else in
     // this process owns that fd.
     let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(IPC_FD) };
-    let stream = match std_stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(std_stream)) {
+    let stream = match std_stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(std_stream))
+    {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("runner {}: fd {IPC_FD} is not the node's channel: {e}", args.runner_id);
+            eprintln!(
+                "runner {}: fd {IPC_FD} is not the node's channel: {e}",
+                args.runner_id
+            );
             return 1;
         }
     };
@@ -480,14 +547,24 @@ async fn main_loop(args: RunnerArgs) -> i32 {
                 Ok(handle) => runner.engine_thread = Some(handle),
                 Err(e) => {
                     let cause = format!("cannot start the engine thread: {e}");
-                    runner.set_state(RunnerState::Failed { phase: Phase::Spawning, cause }).await;
+                    runner
+                        .set_state(RunnerState::Failed {
+                            phase: Phase::Spawning,
+                            cause,
+                        })
+                        .await;
                 }
             }
             runner.set_state(RunnerState::Idle).await;
         }
         Err(e) => {
             let cause = format!("invalid engine config: {e}");
-            runner.set_state(RunnerState::Failed { phase: Phase::Spawning, cause }).await;
+            runner
+                .set_state(RunnerState::Failed {
+                    phase: Phase::Spawning,
+                    cause,
+                })
+                .await;
         }
     }
 

@@ -25,7 +25,13 @@ pub struct ScriptedConfig {
 
 impl Default for ScriptedConfig {
     fn default() -> Self {
-        ScriptedConfig { token_delay_ms: 5, load_steps: 4, load_step_ms: 1, warmup_ms: 1, fault: None }
+        ScriptedConfig {
+            token_delay_ms: 5,
+            load_steps: 4,
+            load_step_ms: 1,
+            warmup_ms: 1,
+            fault: None,
+        }
     }
 }
 
@@ -43,7 +49,10 @@ pub struct ScriptedTask {
 
 impl ScriptedEngine {
     pub fn new(config: ScriptedConfig, rank: u32) -> Self {
-        ScriptedEngine { config, emits_tokens: rank == 0 }
+        ScriptedEngine {
+            config,
+            emits_tokens: rank == 0,
+        }
     }
 }
 
@@ -81,7 +90,14 @@ impl Engine for ScriptedEngine {
     fn start(&mut self, request: &TaskRequest) -> Result<(ScriptedTask, u32), EngineError> {
         let words = reply_words(&request.prompt);
         let prompt_tokens = request.prompt.split_whitespace().count() as u32;
-        Ok((ScriptedTask { words, produced: 0, max_tokens: request.max_tokens }, prompt_tokens))
+        Ok((
+            ScriptedTask {
+                words,
+                produced: 0,
+                max_tokens: request.max_tokens,
+            },
+            prompt_tokens,
+        ))
     }
 
     fn step(&mut self, task: &mut ScriptedTask) -> Result<Step, EngineError> {
@@ -94,6 +110,10 @@ impl Engine for ScriptedEngine {
         std::thread::sleep(Duration::from_millis(self.config.token_delay_ms));
         let word = task.words[task.produced as usize % task.words.len()].clone();
         task.produced += 1;
-        Ok(if self.emits_tokens { Step::Token(word) } else { Step::Progress })
+        Ok(if self.emits_tokens {
+            Step::Token(word)
+        } else {
+            Step::Progress
+        })
     }
 }

@@ -251,6 +251,14 @@ impl InstanceHandle {
         self.view.borrow().clone()
     }
 
+    /// Resolves with the first view that satisfies `pred`; `None` if the
+    /// instance ended without one.
+    pub async fn wait_for(&self, pred: impl FnMut(&InstanceView) -> bool) -> Option<InstanceView> {
+        let mut view = self.view.clone();
+        let found = view.wait_for(pred).await.ok().map(|v| v.clone());
+        found
+    }
+
     /// Resolves when the instance is Ready (Ok) or failed or gone (Err).
     pub async fn wait_ready(&self) -> Result<(), String> {
         let mut view = self.view.clone();
@@ -856,12 +864,13 @@ impl Actor {
             let _ = handle.send(msg).await;
         }
         match state {
-            RunnerState::Ready if self.state == InstanceState::Starting => {
-                if self.slots.iter().all(|s| s.state == RunnerState::Ready) {
-                    tracing::info!(instance = %self.spec.instance_id, runners = self.slots.len(), "instance ready");
-                    self.state = InstanceState::Ready;
-                    self.restart.on_ready(now - self.epoch);
-                }
+            RunnerState::Ready
+                if self.state == InstanceState::Starting
+                    && self.slots.iter().all(|s| s.state == RunnerState::Ready) =>
+            {
+                tracing::info!(instance = %self.spec.instance_id, runners = self.slots.len(), "instance ready");
+                self.state = InstanceState::Ready;
+                self.restart.on_ready(now - self.epoch);
             }
             RunnerState::ShuttingDown => {
                 if let Some(teardown) = &mut self.teardown {
@@ -889,7 +898,10 @@ impl Actor {
         slot.channel = slot.handle.as_ref().map(|h| h.channel_stats());
         let hung = slot.hung;
         let what = match (hung, &channel) {
-            (Some(silent), _) => format!("hung (no pong for {} ms), killed: {cause}", silent.as_millis()),
+            (Some(silent), _) => format!(
+                "hung (no pong for {} ms), killed: {cause}",
+                silent.as_millis()
+            ),
             (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
             (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
                 format!("exited with {cause}; its channel broke: {detail}")
@@ -923,7 +935,9 @@ impl Actor {
         }
         if let Some(teardown) = &mut self.teardown {
             let detail = format!("failed in phase {phase}: {what}");
-            let actions = teardown.coordinator.on_exited(rank, cause, stop, Some(detail), now);
+            let actions = teardown
+                .coordinator
+                .on_exited(rank, cause, stop, Some(detail), now);
             self.perform(actions).await;
         }
         self.slots[rank].handle = None;

@@ -123,7 +123,11 @@ impl RestartPolicy {
         }
         let restarts = self.restarts();
         if restarts >= self.config.max_restarts {
-            tracing::warn!(restarts, ?window, "restart limit reached, giving up");
+            // With restarts disabled, giving up is the configured behaviour,
+            // not a degradation worth a warning.
+            if self.config.max_restarts > 0 {
+                tracing::warn!(restarts, ?window, "restart limit reached, giving up");
+            }
             return RestartDecision::GiveUp { restarts, window };
         }
         let backoff = self.next_backoff;

@@ -165,13 +165,20 @@ impl RunnerHandle {
         let log_file = state_dir.logs_dir().join(format!("{key}.log"));
         let mut pumps = Vec::new();
         for (reader, stream) in [
-            (Box::new(spawned.stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Stream::Stdout),
+            (
+                Box::new(spawned.stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                Stream::Stdout,
+            ),
             (Box::new(spawned.stderr), Stream::Stderr),
         ] {
             let runner_id = spec.runner_id.clone();
-            pumps.push(tokio::spawn(pump_lines(reader, stream, log_file.clone(), ring.clone(), move |stream, line| {
-                reemit(&runner_id, stream, line)
-            })));
+            pumps.push(tokio::spawn(pump_lines(
+                reader,
+                stream,
+                log_file.clone(),
+                ring.clone(),
+                move |stream, line| reemit(&runner_id, stream, line),
+            )));
         }
         let (cmds, cmd_rx) = mpsc::channel(4);
         let watcher = Watcher {

@@ -228,13 +228,19 @@ impl ShutdownCoordinator {
         let escalated = runner.escalated;
         let entry = &mut self.report.runners[rank];
         entry.exit = Some(exit);
-        if stop.as_ref().is_some_and(|s| s.sent_sigterm || s.sent_sigkill) {
+        if stop
+            .as_ref()
+            .is_some_and(|s| s.sent_sigterm || s.sent_sigkill)
+        {
             entry.escalation = stop;
         }
         // A stop this coordinator escalated is already in `escalations`.
         if !clean && !escalated {
-            let what = detail.unwrap_or_else(|| format!("exited with {exit} before ending its stream"));
-            self.report.errors.push(format!("runner {}: {what}", entry.runner_id));
+            let what =
+                detail.unwrap_or_else(|| format!("exited with {exit} before ending its stream"));
+            self.report
+                .errors
+                .push(format!("runner {}: {what}", entry.runner_id));
         }
         self.advance(now, false)
     }

@@ -127,10 +127,7 @@ macro_rules! conformance {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                assert!(
-                    last.is_err(),
-                    "sends kept succeeding to a dead peer"
-                );
+                assert!(last.is_err(), "sends kept succeeding to a dead peer");
                 assert_eq!(atx.state(), ChannelState::PeerLost);
                 assert_eq!(atx.close("x").await, Err(ChannelState::PeerLost));
             }

@@ -7,31 +7,121 @@ use serde_json::{json, Value};
 use crate::harness::{read_chat, TestNode};
 
 fn message(v: &Value) -> String {
-    v["error"]["message"].as_str().unwrap_or_else(|| panic!("not an OpenAI error: {v}")).to_string()
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an OpenAI error: {v}"))
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let node = TestNode::start("bad");
-    let id = node.create(json!({"model": "scripted", "runners": 2})).await;
-    node.wait_state(&id, &["ready"], Duration::from_secs(30)).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 2}))
+        .await;
+    node.wait_state(&id, &["ready"], Duration::from_secs(30))
+        .await;
 
     let cases: Vec<(&str, &str, &str, u16, &str)> = vec![
-        ("POST", "/instance", "{not json", 400, "invalid POST /instance body"),
-        ("POST", "/instance", r#"{"model": "scripted", "runners": "four"}"#, 400, "invalid type"),
-        ("POST", "/instance", r#"{"model": "scripted", "runners": 0}"#, 400, "runners must be between 1 and 64, got 0"),
-        ("POST", "/instance", r#"{"model": "scripted", "runners": 1000}"#, 400, "got 1000"),
-        ("POST", "/instance", r#"{"model": "llama-70b", "runners": 1}"#, 400, "unknown model"),
-        ("POST", "/instance", r#"{"model": "scripted", "runnerz": 2}"#, 400, "unknown field `runnerz`"),
-        ("POST", "/instance", r#"{"model": "scripted", "runners": 2, "scripted": {"fault": {"runner": 5, "phase": "loading", "kind": "kill"}}}"#, 400, "fault.runner is 5"),
-        ("POST", "/instance", r#"{"model": "scripted", "scripted": {"fault": {"runner": 0, "phase": "lunch", "kind": "kill"}}}"#, 400, "unknown variant `lunch`"),
+        (
+            "POST",
+            "/instance",
+            "{not json",
+            400,
+            "invalid POST /instance body",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runners": "four"}"#,
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runners": 0}"#,
+            400,
+            "runners must be between 1 and 64, got 0",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runners": 1000}"#,
+            400,
+            "got 1000",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "llama-70b", "runners": 1}"#,
+            400,
+            "unknown model",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runnerz": 2}"#,
+            400,
+            "unknown field `runnerz`",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runners": 2, "scripted": {"fault": {"runner": 5, "phase": "loading", "kind": "kill"}}}"#,
+            400,
+            "fault.runner is 5",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "scripted": {"fault": {"runner": 0, "phase": "lunch", "kind": "kill"}}}"#,
+            400,
+            "unknown variant `lunch`",
+        ),
         ("GET", "/instance/i-nope", "", 404, "no instance \"i-nope\""),
-        ("DELETE", "/instance/i-nope", "", 404, "no instance \"i-nope\""),
-        ("POST", "/v1/chat/completions", "[]", 400, "invalid chat completion body"),
-        ("POST", "/v1/chat/completions", r#"{"model": "x", "messages": []}"#, 400, "at least one message"),
-        ("POST", "/v1/chat/completions", r#"{"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}"#, 404, "neither an instance id"),
-        ("POST", "/v1/chat/completions", r#"{"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}"#, 400, "max_tokens must be between"),
-        ("POST", "/v1/chat/completions", r#"{"model": "scripted", "messages": [{"role": "user", "content": 7}]}"#, 400, "invalid type"),
+        (
+            "DELETE",
+            "/instance/i-nope",
+            "",
+            404,
+            "no instance \"i-nope\"",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            "[]",
+            400,
+            "invalid chat completion body",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "x", "messages": []}"#,
+            400,
+            "at least one message",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}"#,
+            404,
+            "neither an instance id",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}"#,
+            400,
+            "max_tokens must be between",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "scripted", "messages": [{"role": "user", "content": 7}]}"#,
+            400,
+            "invalid type",
+        ),
         ("POST", "/v1/cancel/i-nope-t1", "", 404, "no task"),
         ("GET", "/nowhere", "", 404, "no such endpoint"),
     ];
@@ -39,9 +129,14 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         let (got, v) = node.raw(method, path, body).await;
         assert_eq!(got, status, "{method} {path} {body}: {v}");
         let msg = message(&v);
-        assert!(msg.contains(needle), "{method} {path} {body}: {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{method} {path} {body}: {msg:?} lacks {needle:?}"
+        );
     }
-    let (got, v) = node.call("DELETE", &format!("/instance/{id}?mode=sideways"), None).await;
+    let (got, v) = node
+        .call("DELETE", &format!("/instance/{id}?mode=sideways"), None)
+        .await;
     assert_eq!(got, 400);
     assert!(message(&v).contains("mode must be drain or cancel"), "{v}");
 

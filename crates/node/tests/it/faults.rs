@@ -10,8 +10,17 @@ use crate::harness::{fast_timeouts, read_chat, runner_pids, state_name, watchdog
 
 const LONG: Duration = Duration::from_secs(30);
 
-const KINDS: [&str; 9] =
-    ["panic", "exit", "abort", "kill", "hang", "ignore_sigterm", "slow_drain", "garbage", "oversize_frame"];
+const KINDS: [&str; 9] = [
+    "panic",
+    "exit",
+    "abort",
+    "kill",
+    "hang",
+    "ignore_sigterm",
+    "slow_drain",
+    "garbage",
+    "oversize_frame",
+];
 
 /// The words a failure report must contain for a fault kind.
 fn expected_cause(kind: &str, phase: &str) -> &'static str {
@@ -44,24 +53,41 @@ fn instance_body(phase: &str, kind: &str) -> Value {
 }
 
 async fn assert_no_runners_left(id: &str) {
-    watchdog(&format!("runners of {id} gone"), Duration::from_secs(10), async {
-        while !runner_pids(id).is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    watchdog(
+        &format!("runners of {id} gone"),
+        Duration::from_secs(10),
+        async {
+            while !runner_pids(id).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
     .await;
 }
 
 /// Checks a client-facing failure message.
 fn assert_names(message: &str, id: &str, phase: &str, kind: &str) {
     let runner = format!("{id}/1 (rank 1)");
-    assert!(message.contains(&runner), "[{phase}/{kind}] no runner in: {message}");
+    assert!(
+        message.contains(&runner),
+        "[{phase}/{kind}] no runner in: {message}"
+    );
     // A runner that stalls while ready is caught by the first task it
     // leaves without progress: the failure is in phase running.
-    let seen_in = if (phase, kind) == ("ready", "ignore_sigterm") { "running" } else { phase };
-    assert!(message.contains(&format!("phase {seen_in}")), "[{phase}/{kind}] no phase in: {message}");
+    let seen_in = if (phase, kind) == ("ready", "ignore_sigterm") {
+        "running"
+    } else {
+        phase
+    };
+    assert!(
+        message.contains(&format!("phase {seen_in}")),
+        "[{phase}/{kind}] no phase in: {message}"
+    );
     let cause = expected_cause(kind, phase);
-    assert!(message.contains(cause), "[{phase}/{kind}] no {cause:?} in: {message}");
+    assert!(
+        message.contains(cause),
+        "[{phase}/{kind}] no {cause:?} in: {message}"
+    );
 }
 
 async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
@@ -82,25 +108,49 @@ async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
             let text = report.to_string();
             match kind {
                 "ignore_sigterm" => {
-                    assert!(text.contains("SIGTERM, then SIGKILL"), "[{phase}/{kind}] {text}");
-                    assert!(text.contains("signal=9 (SIGKILL)"), "[{phase}/{kind}] {text}");
+                    assert!(
+                        text.contains("SIGTERM, then SIGKILL"),
+                        "[{phase}/{kind}] {text}"
+                    );
+                    assert!(
+                        text.contains("signal=9 (SIGKILL)"),
+                        "[{phase}/{kind}] {text}"
+                    );
                 }
                 "slow_drain" => {
-                    assert!(text.contains("SIGTERM, then SIGKILL"), "[{phase}/{kind}] {text}");
-                    assert!(text.contains("signal=15 (SIGTERM)"), "[{phase}/{kind}] {text}");
+                    assert!(
+                        text.contains("SIGTERM, then SIGKILL"),
+                        "[{phase}/{kind}] {text}"
+                    );
+                    assert!(
+                        text.contains("signal=15 (SIGTERM)"),
+                        "[{phase}/{kind}] {text}"
+                    );
                 }
                 _ => {
                     let errors = report["errors"].to_string();
-                    assert!(errors.contains(&format!("{id}/1")), "[{phase}/{kind}] {text}");
-                    assert!(errors.contains(expected_cause(kind, phase)), "[{phase}/{kind}] {text}");
+                    assert!(
+                        errors.contains(&format!("{id}/1")),
+                        "[{phase}/{kind}] {text}"
+                    );
+                    assert!(
+                        errors.contains(expected_cause(kind, phase)),
+                        "[{phase}/{kind}] {text}"
+                    );
                 }
             }
-            assert_eq!(report["runners"][0]["exit"], "exitcode=0", "[{phase}/{kind}] sibling: {text}");
+            assert_eq!(
+                report["runners"][0]["exit"], "exitcode=0",
+                "[{phase}/{kind}] sibling: {text}"
+            );
         }
         ("running", _) | ("ready", "ignore_sigterm") => {
             node.wait_state(&id, &["ready"], LONG).await;
             let t0 = Instant::now();
-            let chat = watchdog("chat outcome", LONG, async { read_chat(node.chat(&id, "a b c", 50, true).await).await }).await;
+            let chat = watchdog("chat outcome", LONG, async {
+                read_chat(node.chat(&id, "a b c", 50, true).await).await
+            })
+            .await;
             detected = t0.elapsed();
             assert_eq!(chat.terminal_outcomes(), 1, "[{phase}/{kind}] {chat:?}");
             assert_eq!(chat.errors.len(), 1, "[{phase}/{kind}] {chat:?}");
@@ -115,14 +165,22 @@ async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
             // A chat is refused with the cause.
             let chat = read_chat(node.chat(&id, "x", 5, true).await).await;
             assert_eq!(chat.status, 503, "{chat:?}");
-            assert!(chat.errors.concat().contains(expected_cause(kind, phase)), "{chat:?}");
+            assert!(
+                chat.errors.concat().contains(expected_cause(kind, phase)),
+                "{chat:?}"
+            );
         }
     }
     assert_no_runners_left(&id).await;
     // Failed instances stay visible with their cause until deleted.
     if !(phase == "shutting_down" || kind == "slow_drain") {
         let (_, state) = node.call("GET", "/state", None).await;
-        let listed = state["instances"].as_array().unwrap().iter().find(|i| i["instance_id"] == id.as_str()).cloned();
+        let listed = state["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["instance_id"] == id.as_str())
+            .cloned();
         let listed = listed.unwrap_or_else(|| panic!("[{phase}/{kind}] {id} not in /state"));
         assert_eq!(state_name(&listed["state"]), "failed");
         let (status, report) = node.call("DELETE", &format!("/instance/{id}"), None).await;
@@ -140,7 +198,9 @@ async fn matrix_for(phase: &str) {
     }
     println!("fault matrix {phase}: {}", timings.join(" "));
     // The node keeps serving after all of that.
-    let id = node.create(json!({"model": "scripted", "runners": 2})).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 2}))
+        .await;
     node.wait_state(&id, &["ready"], LONG).await;
     let chat = read_chat(node.chat(&id, "still here", 2, true).await).await;
     assert_eq!(chat.finish_reasons, ["length"], "{chat:?}");
@@ -181,7 +241,9 @@ async fn fault_matrix_shutting_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignored_sigterm_is_escalated_to_sigkill_within_the_budget() {
     let node = TestNode::start("escalation");
-    let id = node.create(instance_body("shutting_down", "ignore_sigterm")).await;
+    let id = node
+        .create(instance_body("shutting_down", "ignore_sigterm"))
+        .await;
     node.wait_state(&id, &["ready"], LONG).await;
     let report = node.delete(&id, "?mode=drain").await;
     let runner = &report["runners"][1];
@@ -190,15 +252,23 @@ async fn ignored_sigterm_is_escalated_to_sigkill_within_the_budget() {
     assert_eq!(runner["escalation"]["sent_sigkill"], true, "{report}");
     assert_eq!(
         report["escalations"],
-        json!([format!("runner {id}/1: SIGTERM, then SIGKILL after the grace period (drain deadline)")])
+        json!([format!(
+            "runner {id}/1: SIGTERM, then SIGKILL after the grace period (drain deadline)"
+        )])
     );
     // Budget from the configured deadlines: signaling (500) + draining
     // (drain 1000 + signal margin 500) + grace (300); the report's own
     // phase timings must add up within it, plus scheduling slack.
     let budget_ms = 500.0 + 1500.0 + 300.0;
     let total = report["total_ms"].as_f64().unwrap();
-    assert!(total <= budget_ms + 1000.0, "shutdown took {total} ms, budget {budget_ms} ms: {report}");
-    assert!(total >= 2000.0, "escalation cannot precede the deadlines: {total} ms");
+    assert!(
+        total <= budget_ms + 1000.0,
+        "shutdown took {total} ms, budget {budget_ms} ms: {report}"
+    );
+    assert!(
+        total >= 2000.0,
+        "escalation cannot precede the deadlines: {total} ms"
+    );
     assert_no_runners_left(&id).await;
 }
 
@@ -223,7 +293,12 @@ async fn restart_policy_restarts_then_gives_up() {
                         last_attempt = Some(attempt);
                     }
                 }
-                "failed" if v["state"]["cause"].as_str().unwrap_or("").contains("gave up") => {
+                "failed"
+                    if v["state"]["cause"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("gave up") =>
+                {
                     return v
                 }
                 _ => {}
@@ -235,7 +310,10 @@ async fn restart_policy_restarts_then_gives_up() {
     assert_eq!(v["restarts"], 2, "{v}");
     assert_eq!(seen_restarting, 2, "{v}");
     let cause = v["state"]["cause"].as_str().unwrap();
-    assert!(cause.contains("gave up after 2 restarts within 60 s"), "{cause}");
+    assert!(
+        cause.contains("gave up after 2 restarts within 60 s"),
+        "{cause}"
+    );
     assert!(cause.contains("signal=9 (SIGKILL)"), "{cause}");
     assert_no_runners_left(&id).await;
 }
@@ -245,12 +323,19 @@ async fn restart_policy_restarts_then_gives_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_garbage_fails_only_its_instance() {
     let node = TestNode::start("garbage");
-    let healthy = node.create(json!({"model": "scripted", "runners": 2})).await;
+    let healthy = node
+        .create(json!({"model": "scripted", "runners": 2}))
+        .await;
     node.wait_state(&healthy, &["ready"], LONG).await;
     for kind in ["garbage", "oversize_frame"] {
         let id = node.create(instance_body("ready", kind)).await;
         let v = node.wait_state(&id, &["failed"], LONG).await;
-        assert_names(v["failure"]["message"].as_str().unwrap(), &id, "ready", kind);
+        assert_names(
+            v["failure"]["message"].as_str().unwrap(),
+            &id,
+            "ready",
+            kind,
+        );
         assert_no_runners_left(&id).await;
         let chat = read_chat(node.chat(&healthy, "fine", 2, true).await).await;
         assert_eq!(chat.finish_reasons, ["length"], "{chat:?}");

@@ -10,7 +10,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 /// Fails the test instead of hanging it.
-pub async fn watchdog<T>(what: &str, limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
+pub async fn watchdog<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
     match tokio::time::timeout(limit, fut).await {
         Ok(v) => v,
         Err(_) => panic!("watchdog: {what} did not happen within {limit:?}"),
@@ -47,7 +51,14 @@ impl TestNode {
         let log_path = state_dir.join(format!("node-{}.log", fastrand::u32(..)));
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardvisor"))
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(state_dir)
             .env("RUST_LOG", "info")
             .env("SHARDVISOR_RUNNER_LOG", "info")
@@ -58,11 +69,16 @@ impl TestNode {
             .expect("spawn shardvisor serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read address line");
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            panic!("node did not start: {line:?}\n{log}")
-        });
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("node did not start: {line:?}\n{log}")
+            });
         TestNode {
             child,
             base: format!("http://{addr}"),
@@ -78,15 +94,18 @@ impl TestNode {
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
-        let (status, text) =
-            node::client::request(method, &url, body.map(|b| b.to_string())).await.expect("request");
+        let (status, text) = node::client::request(method, &url, body.map(|b| b.to_string()))
+            .await
+            .expect("request");
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, value)
     }
 
     pub async fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
-        let (status, text) = node::client::request(method, &url, Some(body.to_string())).await.expect("request");
+        let (status, text) = node::client::request(method, &url, Some(body.to_string()))
+            .await
+            .expect("request");
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, value)
     }
@@ -105,25 +124,37 @@ impl TestNode {
 
     /// Polls the instance until its state is one of `states`.
     pub async fn wait_state(&self, id: &str, states: &[&str], limit: Duration) -> Value {
-        watchdog(&format!("instance {id} reaching {states:?}"), limit, async {
-            loop {
-                let v = self.instance(id).await;
-                if states.contains(&state_name(&v["state"])) {
-                    return v;
+        watchdog(
+            &format!("instance {id} reaching {states:?}"),
+            limit,
+            async {
+                loop {
+                    let v = self.instance(id).await;
+                    if states.contains(&state_name(&v["state"])) {
+                        return v;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
+            },
+        )
         .await
     }
 
     pub async fn delete(&self, id: &str, query: &str) -> Value {
-        let (status, v) = self.call("DELETE", &format!("/instance/{id}{query}"), None).await;
+        let (status, v) = self
+            .call("DELETE", &format!("/instance/{id}{query}"), None)
+            .await;
         assert_eq!(status, 200, "DELETE {id}: {v}");
         v
     }
 
-    pub async fn chat(&self, model: &str, prompt: &str, max_tokens: u32, stream: bool) -> node::client::LineStream {
+    pub async fn chat(
+        &self,
+        model: &str,
+        prompt: &str,
+        max_tokens: u32,
+        stream: bool,
+    ) -> node::client::LineStream {
         let body = json!({
             "model": model,
             "messages": [{"role": "user", "content": prompt}],
@@ -131,7 +162,9 @@ impl TestNode {
             "stream": stream,
         });
         let url = format!("{}/v1/chat/completions", self.base);
-        node::client::stream("POST", &url, Some(body.to_string())).await.expect("chat request")
+        node::client::stream("POST", &url, Some(body.to_string()))
+            .await
+            .expect("chat request")
     }
 
     pub fn signal(&self, signal: i32) {
@@ -165,7 +198,11 @@ impl TestNode {
 
     pub fn assert_quiet(&self) {
         let problems = self.log_problems();
-        assert!(problems.is_empty(), "graceful path logged problems:\n{}", problems.join("\n"));
+        assert!(
+            problems.is_empty(),
+            "graceful path logged problems:\n{}",
+            problems.join("\n")
+        );
     }
 }
 
@@ -183,7 +220,11 @@ impl Drop for TestNode {
 pub fn state_name(v: &Value) -> &str {
     match v {
         Value::String(s) => s,
-        Value::Object(o) => o.get("state").and_then(|s| s.as_str()).or_else(|| o.keys().next().map(|k| k.as_str())).unwrap_or("?"),
+        Value::Object(o) => o
+            .get("state")
+            .and_then(|s| s.as_str())
+            .or_else(|| o.keys().next().map(|k| k.as_str()))
+            .unwrap_or("?"),
         _ => "?",
     }
 }
@@ -207,7 +248,10 @@ impl ChatResult {
 }
 
 pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
-    let mut result = ChatResult { status: stream.status, ..Default::default() };
+    let mut result = ChatResult {
+        status: stream.status,
+        ..Default::default()
+    };
     if stream.status != 200 {
         while let Some(line) = stream.next_line().await.expect("body") {
             result.errors.push(line);
@@ -221,11 +265,16 @@ pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
         }
         let v: Value = serde_json::from_str(&data).expect("sse json");
         if let Some(err) = v.get("error") {
-            result.errors.push(err["message"].as_str().unwrap_or("").to_string());
+            result
+                .errors
+                .push(err["message"].as_str().unwrap_or("").to_string());
             continue;
         }
         if result.task_id.is_none() {
-            result.task_id = v["id"].as_str().and_then(|s| s.strip_prefix("chatcmpl-")).map(String::from);
+            result.task_id = v["id"]
+                .as_str()
+                .and_then(|s| s.strip_prefix("chatcmpl-"))
+                .map(String::from);
         }
         let choice = &v["choices"][0];
         if let Some(t) = choice["delta"]["content"].as_str() {
@@ -241,17 +290,25 @@ pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
 /// Pids of live runner processes of `instance_id` (scans /proc).
 pub fn runner_pids(instance_id: &str) -> Vec<u32> {
     let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline);
         if !cmdline.contains("runner\0") || !cmdline.contains(instance_id) {
             continue;
         }
         // A zombie is dead already: only its parent's reaping is missing.
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next().unwrap_or('?'));
+        let state = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.chars().next().unwrap_or('?'));
         if state != Some('Z') {
             pids.push(pid);
         }
@@ -260,7 +317,9 @@ pub fn runner_pids(instance_id: &str) -> Vec<u32> {
 }
 
 pub fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Short deadlines so fault tests finish quickly.

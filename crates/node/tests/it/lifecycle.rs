@@ -23,7 +23,9 @@ fn merged_history(runner: &serde_json::Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_lifecycle_follows_the_state_machine() {
     let node = TestNode::start("lifecycle");
-    let id = node.create(json!({"model": "scripted", "runners": 4, "scripted": {"token_delay_ms": 2}})).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 4, "scripted": {"token_delay_ms": 2}}))
+        .await;
     let ready = node.wait_state(&id, &["ready"], LONG).await;
     assert_eq!(ready["runners"].as_array().unwrap().len(), 4);
     let chat = read_chat(node.chat(&id, "one two three", 5, true).await).await;
@@ -35,40 +37,67 @@ async fn full_lifecycle_follows_the_state_machine() {
     assert_eq!(report["escalations"], json!([]), "{report}");
     let done = node.wait_state(&id, &["deleted"], LONG).await;
     let expected = [
-        "idle", "connecting", "connected", "loading", "loaded", "warming_up", "ready", "running", "ready",
-        "shutting_down", "shutdown",
+        "idle",
+        "connecting",
+        "connected",
+        "loading",
+        "loaded",
+        "warming_up",
+        "ready",
+        "running",
+        "ready",
+        "shutting_down",
+        "shutdown",
     ];
     for runner in done["runners"].as_array().unwrap() {
-        assert_eq!(merged_history(runner), expected, "runner {}", runner["runner_id"]);
+        assert_eq!(
+            merged_history(runner),
+            expected,
+            "runner {}",
+            runner["runner_id"]
+        );
         assert_eq!(runner["exit"], "exitcode=0");
         // Loading reported its progress up to the total.
         let last_loading = runner["history"]
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|s| s.get("loading"))
-            .last()
+            .rev()
+            .find_map(|s| s.get("loading"))
             .cloned()
             .expect("loading state");
         assert_eq!(last_loading["done"], last_loading["total"]);
     }
-    assert!(runner_pids(&id).is_empty(), "runners left: {:?}", runner_pids(&id));
+    assert!(
+        runner_pids(&id).is_empty(),
+        "runners left: {:?}",
+        runner_pids(&id)
+    );
     node.assert_quiet();
 }
 
 async fn delete_with_tasks_in_flight(mode: &str) {
     let node = TestNode::start(&format!("inflight-{mode}"));
-    let id = node.create(json!({"model": "scripted", "runners": 4, "scripted": {"token_delay_ms": 10}})).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 4, "scripted": {"token_delay_ms": 10}}))
+        .await;
     node.wait_state(&id, &["ready"], LONG).await;
     let n = 6;
     let mut clients = Vec::new();
     for i in 0..n {
-        let mut stream = node.chat(&id, &format!("task {i} words here"), 40, true).await;
+        let mut stream = node
+            .chat(&id, &format!("task {i} words here"), 40, true)
+            .await;
         assert_eq!(stream.status, 200);
         // Wait for the role chunk and a first token, so the task is in flight.
         let mut first = Vec::new();
         for _ in 0..2 {
-            first.push(watchdog("first chunks", LONG, stream.next_data()).await.unwrap().unwrap());
+            first.push(
+                watchdog("first chunks", LONG, stream.next_data())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         clients.push(tokio::spawn(async move {
             let mut rest = read_chat(stream).await;
@@ -91,7 +120,10 @@ async fn delete_with_tasks_in_flight(mode: &str) {
         assert!(r.errors.is_empty(), "{r:?}");
         assert_eq!(r.done_markers, 1, "{r:?}");
     }
-    let finishes: Vec<&str> = results.iter().map(|r| r.finish_reasons[0].as_str()).collect();
+    let finishes: Vec<&str> = results
+        .iter()
+        .map(|r| r.finish_reasons[0].as_str())
+        .collect();
     match mode {
         "drain" => {
             assert!(finishes.iter().all(|f| *f == "length"), "{finishes:?}");
@@ -121,17 +153,29 @@ async fn delete_cancel_with_tasks_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_endpoint_and_client_disconnect_cancel_the_task() {
     let node = TestNode::start("cancel");
-    let id = node.create(json!({"model": "scripted", "runners": 2, "scripted": {"token_delay_ms": 20}})).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 2, "scripted": {"token_delay_ms": 20}}))
+        .await;
     node.wait_state(&id, &["ready"], LONG).await;
     // Explicit cancel.
     let mut stream = node.chat(&id, "a b c", 1000, true).await;
-    let first: serde_json::Value = serde_json::from_str(&stream.next_data().await.unwrap().unwrap()).unwrap();
-    let task_id = first["id"].as_str().unwrap().strip_prefix("chatcmpl-").unwrap().to_string();
-    let (status, v) = node.call("POST", &format!("/v1/cancel/{task_id}"), None).await;
+    let first: serde_json::Value =
+        serde_json::from_str(&stream.next_data().await.unwrap().unwrap()).unwrap();
+    let task_id = first["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("chatcmpl-")
+        .unwrap()
+        .to_string();
+    let (status, v) = node
+        .call("POST", &format!("/v1/cancel/{task_id}"), None)
+        .await;
     assert_eq!(status, 200, "{v}");
     let rest = watchdog("cancelled stream", LONG, read_chat(stream)).await;
     assert_eq!(rest.finish_reasons, ["cancelled"]);
-    let (status, _) = node.call("POST", &format!("/v1/cancel/{task_id}"), None).await;
+    let (status, _) = node
+        .call("POST", &format!("/v1/cancel/{task_id}"), None)
+        .await;
     assert_eq!(status, 404, "a finished task cannot be cancelled");
     // A client that goes away: its task is cancelled and the instance idles.
     let mut stream = node.chat(&id, "x y", 1000, true).await;
@@ -155,7 +199,9 @@ async fn cancel_endpoint_and_client_disconnect_cancel_the_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streaming_completion_has_usage() {
     let node = TestNode::start("json");
-    let id = node.create(json!({"model": "scripted", "runners": 1})).await;
+    let id = node
+        .create(json!({"model": "scripted", "runners": 1}))
+        .await;
     node.wait_state(&id, &["ready"], LONG).await;
     let mut stream = node.chat("scripted", "hello there", 3, false).await;
     assert_eq!(stream.status, 200);
@@ -175,8 +221,12 @@ async fn non_streaming_completion_has_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_every_instance_down_and_exits_zero() {
     let mut node = TestNode::start("sigterm");
-    let a = node.create(json!({"model": "scripted", "runners": 2})).await;
-    let b = node.create(json!({"model": "scripted", "runners": 3})).await;
+    let a = node
+        .create(json!({"model": "scripted", "runners": 2}))
+        .await;
+    let b = node
+        .create(json!({"model": "scripted", "runners": 3}))
+        .await;
     node.wait_state(&a, &["ready"], LONG).await;
     node.wait_state(&b, &["ready"], LONG).await;
     node.signal(libc::SIGTERM);

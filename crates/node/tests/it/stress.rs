@@ -10,7 +10,8 @@ use crate::harness::{open_fds, read_chat, runner_pids, TestNode};
 async fn cycles(node: &TestNode, n: usize) {
     for i in 0..n {
         let id = node.create(json!({"model": "scripted", "runners": 4, "scripted": {"token_delay_ms": 0, "load_step_ms": 0, "warmup_ms": 0}})).await;
-        node.wait_state(&id, &["ready"], Duration::from_secs(30)).await;
+        node.wait_state(&id, &["ready"], Duration::from_secs(30))
+            .await;
         let chat = read_chat(node.chat(&id, "cycle", 3, true).await).await;
         assert_eq!(chat.finish_reasons, ["length"], "cycle {i}: {chat:?}");
         let report = node.delete(&id, "").await;
@@ -29,9 +30,16 @@ async fn two_hundred_cycles_leave_nothing_behind() {
     cycles(&node, 200).await;
     let fds_after = open_fds(node.pid());
     let listing = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))
-        .map(|d| d.flatten().map(|e| format!("{:?}", std::fs::read_link(e.path()))).collect::<Vec<_>>())
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("{:?}", std::fs::read_link(e.path())))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
-    assert_eq!(fds_before, fds_after, "node fd count changed over 200 cycles: {listing:?}");
+    assert_eq!(
+        fds_before, fds_after,
+        "node fd count changed over 200 cycles: {listing:?}"
+    );
     node.assert_quiet();
 }
 
@@ -39,7 +47,10 @@ async fn two_hundred_cycles_leave_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long soak; run by hand"]
 async fn soak() {
-    let n = std::env::var("SHARDVISOR_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let n = std::env::var("SHARDVISOR_SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
     let node = TestNode::start("soak");
     cycles(&node, 3).await;
     let fds_before = open_fds(node.pid());

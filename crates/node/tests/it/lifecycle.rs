@@ -243,3 +243,33 @@ async fn sigterm_shuts_every_instance_down_and_exits_zero() {
     assert!(runner_pids(&a).is_empty() && runner_pids(&b).is_empty());
     node.assert_quiet();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_inspect_show_runners_and_channels() {
+    let node = TestNode::start("status");
+    let id = node
+        .create(json!({"model": "scripted", "runners": 3}))
+        .await;
+    node.wait_state(&id, &["ready"], LONG).await;
+    for (command, needle) in [("status", "ready"), ("inspect", "queued")] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardvisor"))
+            .args([command, "--node", &node.base])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        for rank in 0..3 {
+            assert!(
+                text.contains(&format!("{id}/{rank}")),
+                "{command} lacks runner {rank}:\n{text}"
+            );
+        }
+        assert!(text.contains(needle), "{command} lacks {needle:?}:\n{text}");
+    }
+    node.delete(&id, "").await;
+}

@@ -6,4 +6,5 @@ mod faults;
 mod harness;
 mod lifecycle;
 mod node_crash;
+mod runner_protocol;
 mod stress;

@@ -53,6 +53,17 @@ pub enum FromRunner {
         request: String,
         reason: String,
     },
+    /// What the runner released while closing, in the order it did.
+    Released(Vec<ReleasedResource>),
+}
+
+/// One resource a runner released on its way out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasedResource {
+    pub name: String,
+    pub duration_ms: f64,
+    /// `None` when the release succeeded.
+    pub error: Option<String>,
 }
 
 /// The runner state machine of DESIGN §3.
@@ -197,6 +208,11 @@ mod tests {
             request: "load".into(),
             reason: "r".into(),
         });
+        msgs.push(FromRunner::Released(vec![ReleasedResource {
+            name: "engine".into(),
+            duration_ms: 0.5,
+            error: Some("x".into()),
+        }]));
         for msg in msgs {
             let bytes = encode_data(&msg, 1 << 20).unwrap();
             let (frame, _) = decode::<FromRunner>(&bytes, 1 << 20).unwrap().unwrap();

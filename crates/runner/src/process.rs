@@ -18,8 +18,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc::proto::{FromRunner, Phase, RunnerState, TaskOutcome, TaskRequest, ToRunner};
+use ipc::proto::{
+    FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, TaskRequest, ToRunner,
+};
 use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
+use supervisor::resources::{CleanupResult, ResourceRegistry};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -35,6 +38,8 @@ pub const LOCK_FD: i32 = 4;
 
 /// How long the runner waits for the node's `End` after sending its own.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long releasing one resource may take before it is abandoned.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RunnerArgs {
@@ -485,12 +490,49 @@ impl Runner {
         if !ready {
             return false;
         }
-        // The engine thread ends when its command queue closes; it is idle
-        // (no tasks), so joining it is immediate.
-        self.engine = None;
-        if let Some(thread) = self.engine_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        // Release in reverse dependency order (DESIGN §4, closing). Today the
+        // engine (its thread and model) is the one resource besides the
+        // node channel, which closes last, after the report went out on it.
+        let mut registry = ResourceRegistry::new();
+        let engine = self.engine.take();
+        let thread = self.engine_thread.take();
+        let registered = registry.register("engine", &[], RELEASE_TIMEOUT, move || {
+            Box::pin(async move {
+                // The engine thread ends when its command queue closes; it is
+                // idle (no tasks), so joining it is immediate.
+                drop(engine);
+                match thread {
+                    Some(thread) => {
+                        match tokio::task::spawn_blocking(move || thread.join()).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(_)) => Err("engine thread panicked".to_string()),
+                            Err(e) => Err(format!("cannot join the engine thread: {e}")),
+                        }
+                    }
+                    None => Ok(()),
+                }
+            })
+        });
+        if let Err(e) = registered {
+            tracing::error!(error = %e, "cannot register the engine for release");
         }
+        let report = registry.cleanup_all().await;
+        let released = report
+            .entries
+            .into_iter()
+            .map(|entry| ReleasedResource {
+                name: entry.name,
+                duration_ms: entry.duration.as_secs_f64() * 1000.0,
+                error: match entry.result {
+                    CleanupResult::Ok => None,
+                    CleanupResult::Failed(e) => Some(e),
+                    CleanupResult::TimedOut(t) => {
+                        Some(format!("not released within {} ms", t.as_millis()))
+                    }
+                },
+            })
+            .collect();
+        self.send(FromRunner::Released(released)).await;
         self.set_state(RunnerState::Shutdown).await;
         let _ = self.tx.close("shutdown").await;
         if let Some(plan) = &mut self.shutdown {

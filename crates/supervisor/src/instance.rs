@@ -802,6 +802,11 @@ impl Actor {
                     self.finish_task(&task_id, outcome);
                 }
             }
+            RunnerEvent::Message(FromRunner::Released(released)) => {
+                if let Some(teardown) = &mut self.teardown {
+                    teardown.coordinator.on_released(rank, released);
+                }
+            }
             RunnerEvent::Message(FromRunner::Rejected { request, reason }) => {
                 let phase = self.slots[rank].phase();
                 self.fail(rank, phase, format!("rejected {request}: {reason}"))

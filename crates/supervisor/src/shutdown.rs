@@ -62,6 +62,8 @@ pub struct RunnerShutdown {
     pub ended: bool,
     pub exit: Option<ExitCause>,
     pub escalation: Option<StopOutcome>,
+    /// What the runner released while closing, in order.
+    pub released: Vec<ipc::proto::ReleasedResource>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +143,7 @@ impl ShutdownCoordinator {
                     ended: false,
                     exit: None,
                     escalation: None,
+                    released: Vec::new(),
                 })
                 .collect(),
             escalations: Vec::new(),
@@ -194,6 +197,20 @@ impl ShutdownCoordinator {
         let mut actions = vec![Action::Close(rank)];
         actions.extend(self.advance(now, false));
         actions
+    }
+
+    /// A runner reported what it released; a failed release is an error.
+    pub fn on_released(&mut self, rank: usize, released: Vec<ipc::proto::ReleasedResource>) {
+        let entry = &mut self.report.runners[rank];
+        for resource in &released {
+            if let Some(error) = &resource.error {
+                self.report.errors.push(format!(
+                    "runner {}: releasing {}: {error}",
+                    entry.runner_id, resource.name
+                ));
+            }
+        }
+        entry.released = released;
     }
 
     /// A runner failed during the shutdown: stop it now, without waiting for

@@ -35,6 +35,15 @@ async fn full_lifecycle_follows_the_state_machine() {
     let report = node.delete(&id, "").await;
     assert_eq!(report["errors"], json!([]), "{report}");
     assert_eq!(report["escalations"], json!([]), "{report}");
+    for runner in report["runners"].as_array().unwrap() {
+        let released = runner["released"].as_array().expect("released");
+        let names: Vec<&str> = released
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["engine"], "{report}");
+        assert!(released.iter().all(|r| r["error"].is_null()), "{report}");
+    }
     let done = node.wait_state(&id, &["deleted"], LONG).await;
     let expected = [
         "idle",

@@ -127,6 +127,14 @@ async fn out_of_state_messages_get_error_replies() {
         next_message(&mut rx).await,
         FromRunner::Status(RunnerState::ShuttingDown)
     );
+    match next_message(&mut rx).await {
+        FromRunner::Released(released) => {
+            assert_eq!(released.len(), 1);
+            assert_eq!(released[0].name, "engine");
+            assert_eq!(released[0].error, None);
+        }
+        other => panic!("expected the release report, got {other:?}"),
+    }
     assert_eq!(
         next_message(&mut rx).await,
         FromRunner::Status(RunnerState::Shutdown)

@@ -136,6 +136,13 @@ impl Node {
         }
         let scripted = req.scripted.unwrap_or_default();
         if let Some(fault) = &scripted.fault {
+            if fault.phase == ipc::proto::Phase::Spawning {
+                return Err(NodeError::BadRequest(
+                    "scripted.fault.phase spawning cannot be injected (the runner is not running yet); \
+                     use connecting, loading, warming_up, ready, running or shutting_down"
+                        .into(),
+                ));
+            }
             if fault.runner >= req.runners {
                 return Err(NodeError::BadRequest(format!(
                     "scripted.fault.runner is {} but the instance has runners 0..{}",

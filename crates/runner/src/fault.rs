@@ -9,43 +9,11 @@ use serde::{Deserialize, Serialize};
 pub struct FaultSpec {
     /// Rank of the runner that misbehaves.
     pub runner: u32,
-    pub phase: FaultPhase,
+    /// Where it misbehaves; every phase but `spawning` (the runner is not
+    /// listening yet) can be chosen.
+    pub phase: Phase,
     #[serde(flatten)]
     pub kind: FaultKind,
-}
-
-/// Phases a fault can be injected at (DESIGN §3 names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaultPhase {
-    Connecting,
-    Loading,
-    WarmingUp,
-    Ready,
-    Running,
-    ShuttingDown,
-}
-
-impl FaultPhase {
-    pub const ALL: [FaultPhase; 6] = [
-        FaultPhase::Connecting,
-        FaultPhase::Loading,
-        FaultPhase::WarmingUp,
-        FaultPhase::Ready,
-        FaultPhase::Running,
-        FaultPhase::ShuttingDown,
-    ];
-
-    pub fn phase(self) -> Phase {
-        match self {
-            FaultPhase::Connecting => Phase::Connecting,
-            FaultPhase::Loading => Phase::Loading,
-            FaultPhase::WarmingUp => Phase::WarmingUp,
-            FaultPhase::Ready => Phase::Ready,
-            FaultPhase::Running => Phase::Running,
-            FaultPhase::ShuttingDown => Phase::ShuttingDown,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

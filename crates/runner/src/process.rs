@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::{Engine, Step};
-use crate::fault::{FaultKind, FaultPhase, FaultSpec};
+use crate::fault::{FaultKind, FaultSpec};
 use crate::lifecycle;
 use crate::scripted::{ScriptedConfig, ScriptedEngine};
 
@@ -197,21 +197,15 @@ fn engine_thread<E: Engine>(
             }
         } else {
             match engine.step(&mut a.task) {
-                Ok(Step::Token(text)) => {
-                    let ev = EngineEvent::Step {
-                        task_id: a.task_id.clone(),
-                        index: a.index,
-                        text: Some(text),
+                Ok(step @ (Step::Token(_) | Step::Progress)) => {
+                    let text = match step {
+                        Step::Token(text) => Some(text),
+                        _ => None,
                     };
-                    a.index += 1;
-                    active.push_back(a);
-                    ev
-                }
-                Ok(Step::Progress) => {
                     let ev = EngineEvent::Step {
                         task_id: a.task_id.clone(),
                         index: a.index,
-                        text: None,
+                        text,
                     };
                     a.index += 1;
                     active.push_back(a);
@@ -288,7 +282,7 @@ impl Runner {
     /// Fires the scripted fault if it is for this runner and this phase.
     /// What the runner already said is flushed first, so the node has seen
     /// the phase the fault is injected in.
-    async fn maybe_fault(&mut self, phase: FaultPhase) {
+    async fn maybe_fault(&mut self, phase: Phase) {
         let Some(fault) = &self.fault else { return };
         if fault.runner != self.args.rank || fault.phase != phase {
             return;
@@ -296,7 +290,7 @@ impl Runner {
         let kind = fault.kind.clone();
         self.fault = None;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.tx.flushed()).await;
-        let at = phase.phase();
+        let at = phase;
         eprintln!("scripted fault: {} at {at}", kind.name());
         match kind {
             FaultKind::Panic => panic!("scripted fault: panic at {at}"),
@@ -345,18 +339,18 @@ impl Runner {
         match msg {
             ToRunner::Connect { peers } => {
                 self.set_state(RunnerState::Connecting).await;
-                self.maybe_fault(FaultPhase::Connecting).await;
+                self.maybe_fault(Phase::Connecting).await;
                 self.engine(EngineCmd::Connect(peers));
             }
             ToRunner::Load => {
                 self.set_state(RunnerState::Loading { done: 0, total: 0 })
                     .await;
-                self.maybe_fault(FaultPhase::Loading).await;
+                self.maybe_fault(Phase::Loading).await;
                 self.engine(EngineCmd::Load);
             }
             ToRunner::WarmUp => {
                 self.set_state(RunnerState::WarmingUp).await;
-                self.maybe_fault(FaultPhase::WarmingUp).await;
+                self.maybe_fault(Phase::WarmingUp).await;
                 self.engine(EngineCmd::WarmUp);
             }
             ToRunner::Task(request) => {
@@ -392,7 +386,7 @@ impl Runner {
                 Phase::Loading => self.set_state(RunnerState::Loaded).await,
                 Phase::WarmingUp => {
                     self.set_state(RunnerState::Ready).await;
-                    self.maybe_fault(FaultPhase::Ready).await;
+                    self.maybe_fault(Phase::Ready).await;
                 }
                 _ => {}
             },
@@ -401,7 +395,7 @@ impl Runner {
                 index,
                 text,
             } => {
-                self.maybe_fault(FaultPhase::Running).await;
+                self.maybe_fault(Phase::Running).await;
                 if let Some(text) = text {
                     self.send(FromRunner::Token {
                         task_id,
@@ -453,7 +447,7 @@ impl Runner {
             }
             return;
         }
-        self.maybe_fault(FaultPhase::ShuttingDown).await;
+        self.maybe_fault(Phase::ShuttingDown).await;
         if self.stalled {
             return;
         }
@@ -578,35 +572,27 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         slow_drain: None,
         shutdown: None,
     };
-    match config {
-        Ok(config) => {
+    let started = config
+        .map_err(|e| format!("invalid engine config: {e}"))
+        .and_then(|config| {
             runner.fault = config.fault.clone();
             let engine = ScriptedEngine::new(config, args.rank);
-            let spawned = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name("engine".into())
-                .spawn(move || engine_thread(engine, cmd_rx, events_tx));
-            match spawned {
-                Ok(handle) => runner.engine_thread = Some(handle),
-                Err(e) => {
-                    let cause = format!("cannot start the engine thread: {e}");
-                    runner
-                        .set_state(RunnerState::Failed {
-                            phase: Phase::Spawning,
-                            cause,
-                        })
-                        .await;
-                }
-            }
+                .spawn(move || engine_thread(engine, cmd_rx, events_tx))
+                .map_err(|e| format!("cannot start the engine thread: {e}"))
+        });
+    match started {
+        Ok(handle) => {
+            runner.engine_thread = Some(handle);
             runner.set_state(RunnerState::Idle).await;
         }
-        Err(e) => {
-            let cause = format!("invalid engine config: {e}");
-            runner
-                .set_state(RunnerState::Failed {
-                    phase: Phase::Spawning,
-                    cause,
-                })
-                .await;
+        Err(cause) => {
+            let failed = RunnerState::Failed {
+                phase: Phase::Spawning,
+                cause,
+            };
+            runner.set_state(failed).await;
         }
     }
 

@@ -79,6 +79,13 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             400,
             "unknown variant `lunch`",
         ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "runners": 2, "scripted": {"fault": {"runner": 1, "phase": "spawning", "kind": "kill"}}}"#,
+            400,
+            "spawning cannot be injected",
+        ),
         ("GET", "/instance/i-nope", "", 404, "no instance \"i-nope\""),
         (
             "DELETE",

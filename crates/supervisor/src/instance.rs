@@ -29,7 +29,9 @@ use tokio::time::Instant;
 
 use crate::process::{ExitCause, Spawner, StopOutcome};
 use crate::restart::{RestartConfig, RestartDecision, RestartPolicy};
-use crate::runner_handle::{ChannelEnd, Heartbeat, RunnerEvent, RunnerHandle, RunnerSpec};
+use crate::runner_handle::{
+    ChannelEnd, Heartbeat, RunnerEvent, RunnerHandle, RunnerSpec, SendFailure,
+};
 use crate::shutdown::{
     Action, ShutdownCoordinator, ShutdownDeadlines, ShutdownPhase, ShutdownReport,
 };
@@ -718,14 +720,23 @@ impl Actor {
                 last_progress: Instant::now(),
             },
         );
+        let mut stuck = None;
         for rank in 0..self.slots.len() {
             let Some(handle) = &self.slots[rank].handle else {
                 continue;
             };
-            if let Err(e) = handle.send(ToRunner::Task(request.clone())).await {
+            match handle.send(ToRunner::Task(request.clone())).await {
+                Ok(()) => {}
                 // The runner is going away; its exit event fails the task.
-                tracing::debug!(instance = %instance, task = %task_id, error = %e, "task not delivered");
+                Err(SendFailure::Closed(e)) => {
+                    tracing::debug!(instance = %instance, task = %task_id, error = %e, "task not delivered")
+                }
+                Err(e @ SendFailure::Stuck(_)) => stuck = stuck.or(Some((rank, e.to_string()))),
             }
+        }
+        if let Some((rank, cause)) = stuck {
+            // Fails this task too, through the task table.
+            self.fail(rank, Phase::Running, cause).await;
         }
         Ok(TaskStream {
             task_id,
@@ -866,7 +877,11 @@ impl Actor {
             _ => None,
         };
         if let (Some(msg), Some(handle)) = (next, handle) {
-            let _ = handle.send(msg).await;
+            if let Err(e @ SendFailure::Stuck(_)) = handle.send(msg).await {
+                let phase = self.slots[rank].phase();
+                self.fail(rank, phase, e.to_string()).await;
+                return;
+            }
         }
         match state {
             RunnerState::Ready
@@ -1092,7 +1107,6 @@ impl Actor {
             // is left); the node allows a margin for that to arrive.
             drain: drain.unwrap_or(ms(t.drain_ms)) + ms(t.signal_ms),
             close: ms(t.close_ms),
-            term_grace: ms(t.term_grace_ms),
         }
     }
 

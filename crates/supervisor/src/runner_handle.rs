@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipc::proto::{FromRunner, ToRunner};
-use ipc::{ChannelConfig, ChannelStats, Control, Incoming, SendError};
+use ipc::{ChannelConfig, ChannelStats, Control, Incoming};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -87,6 +87,16 @@ enum WatchCmd {
     Terminate { term_first: bool, grace: Duration },
 }
 
+/// Why a message did not reach a runner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendFailure {
+    /// The channel is closing or gone; the runner's exit event follows.
+    #[error("{0}")]
+    Closed(String),
+    #[error("its channel stayed full for {} ms", .0.as_millis())]
+    Stuck(Duration),
+}
+
 /// The node's side of one runner.
 pub struct RunnerHandle {
     pub rank: u32,
@@ -95,6 +105,7 @@ pub struct RunnerHandle {
     tx: ipc::Sender<ToRunner>,
     cmds: mpsc::Sender<WatchCmd>,
     ring: Arc<LogRing>,
+    send_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,16 +212,28 @@ impl RunnerHandle {
             tx,
             cmds,
             ring,
+            send_timeout: spec.heartbeat.timeout,
         })
     }
 
-    pub async fn send(&self, msg: ToRunner) -> Result<(), SendError<ToRunner>> {
-        self.tx.send(msg).await
+    /// Sends a message, waiting at most the heartbeat timeout for room: a
+    /// runner that consumes nothing for that long is stuck, and its owner
+    /// must not be stuck with it.
+    pub async fn send(&self, msg: ToRunner) -> Result<(), SendFailure> {
+        match tokio::time::timeout(self.send_timeout, self.tx.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SendFailure::Closed(e.to_string())),
+            Err(_) => Err(SendFailure::Stuck(self.send_timeout)),
+        }
     }
 
-    /// Sends a control message; false when the runner can no longer be reached.
+    /// Sends a control message; false when the runner can no longer be
+    /// reached or its control queue stayed full for the heartbeat timeout.
     pub async fn control(&self, control: Control) -> bool {
-        self.tx.send_control(control).await.is_ok()
+        matches!(
+            tokio::time::timeout(self.send_timeout, self.tx.send_control(control)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Announces the end of the node's stream to this runner.

@@ -35,7 +35,6 @@ pub struct ShutdownDeadlines {
     pub signal: Duration,
     pub drain: Duration,
     pub close: Duration,
-    pub term_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,7 +356,6 @@ mod tests {
             signal: Duration::from_secs(1),
             drain: Duration::from_secs(10),
             close: Duration::from_secs(2),
-            term_grace: Duration::from_secs(1),
         }
     }
 

@@ -347,9 +347,19 @@ fn print_report(report: &ShutdownReport) {
             .exit
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into());
+        let released: Vec<String> = runner
+            .released
+            .iter()
+            .map(|r| match &r.error {
+                None => format!("{} {:.1} ms", r.name, r.duration_ms),
+                Some(e) => format!("{} failed: {e}", r.name),
+            })
+            .collect();
         eprintln!(
-            "  runner {:<16} ended={} exit={exit}",
-            runner.runner_id, runner.ended
+            "  runner {:<16} ended={} exit={exit} released=[{}]",
+            runner.runner_id,
+            runner.ended,
+            released.join(", ")
         );
     }
     for line in &report.escalations {

@@ -1,0 +1,32 @@
+//! The engine's error: what went wrong, naming the file and tensor where
+//! there is one.
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A model file is missing, unreadable, corrupt, truncated or does not
+    /// match what the config says.
+    #[error("{path}: {detail}")]
+    Model { path: String, detail: String },
+    /// A tensor is missing, has the wrong shape or type, or cannot be sliced.
+    #[error("{path}: tensor {tensor}: {detail}")]
+    Tensor { path: String, tensor: String, detail: String },
+    /// The model or the requested sharding is not supported.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Tokenizer or chat template problems.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A compute failure (shape mismatch at run time, candle error).
+    #[error("compute: {0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Compute(e.to_string())
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

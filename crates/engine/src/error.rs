@@ -9,10 +9,19 @@ pub enum EngineError {
     Model { path: String, detail: String },
     /// A tensor is missing, has the wrong shape or type, or cannot be sliced.
     #[error("{path}: tensor {tensor}: {detail}")]
-    Tensor { path: String, tensor: String, detail: String },
+    Tensor {
+        path: String,
+        tensor: String,
+        detail: String,
+    },
     /// The model or the requested sharding is not supported.
     #[error("{0}")]
     Unsupported(String),
+    /// A shard spec does not fit the model (layer range out of bounds,
+    /// tensor degree that does not divide heads, kv heads and FFN width).
+    /// The message names what would be valid; callers map it to a 400.
+    #[error("invalid shard: {0}")]
+    InvalidShard(String),
     /// Tokenizer or chat template problems.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

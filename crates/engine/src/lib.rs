@@ -3,6 +3,15 @@
 //! heads and FFN columns (tensor). Knows nothing about processes or sockets:
 //! the all-reduce of tensor parallelism is a trait the caller implements.
 
+pub mod chat;
+pub mod config;
 pub mod error;
+pub mod gguf_meta;
+pub mod loader;
+pub mod model;
+pub mod sampler;
+pub mod testing;
+pub mod tokenizer;
+pub mod wire;
 
 pub use error::{EngineError, Result};

@@ -348,6 +348,22 @@ impl<T> Sender<T> {
         }
     }
 
+    /// Resolves once our `End` reached the socket, or the writer stopped
+    /// (the peer is gone). Call after [`Sender::close`].
+    pub async fn end_written(&self) {
+        loop {
+            let notified = self.shared.flush_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let written =
+                self.shared.counters.core().send_side() == crate::state::SendSide::EndWritten;
+            if written || *self.writer_done.borrow() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn state(&self) -> ChannelState {
         self.shared.counters.core().state()
     }
@@ -573,6 +589,8 @@ async fn write_loop<W>(
                         wr.flush().await?;
                         end_written = true;
                         counters.core().end_written();
+                        shared.unflushed.store(false, Ordering::Release);
+                        shared.flush_notify.notify_waiters();
                     }
                     None => data_open = false,
                 },

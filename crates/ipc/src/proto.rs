@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 /// Node → runner, in order on the data lane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToRunner {
-    /// `Idle → Connecting → Connected`: set up links to peer runners.
-    Connect { peers: Vec<String> },
+    /// `Idle → Connecting → Connected`: set up links to peer runners, whose
+    /// data-plane addresses are given by rank, within `deadline_ms`.
+    Connect {
+        peers: Vec<String>,
+        deadline_ms: u64,
+    },
     /// `Connected → Loading{..} → Loaded`.
     Load,
     /// `Loaded → WarmingUp → Ready`.
@@ -30,13 +34,78 @@ pub struct TaskRequest {
     pub task_id: String,
     /// Joins log lines of every process that touches the task.
     pub trace_id: String,
-    pub prompt: String,
+    /// The conversation, rendered by the model's chat template on the runner.
+    pub messages: Vec<ChatTurn>,
     pub max_tokens: u32,
+    pub sampling: Sampling,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+}
+
+impl TaskRequest {
+    /// A task of one user message with greedy decoding.
+    pub fn user(task_id: &str, trace_id: &str, text: &str, max_tokens: u32) -> TaskRequest {
+        TaskRequest {
+            task_id: task_id.into(),
+            trace_id: trace_id.into(),
+            messages: vec![ChatTurn {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            max_tokens,
+            sampling: Sampling::default(),
+            stop: Vec::new(),
+        }
+    }
+
+    /// The last user message (the whole prompt for engines without a chat
+    /// template).
+    pub fn last_user_text(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .or(self.messages.last())
+            .map(|m| m.content.as_str())
+            .unwrap_or("")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+/// Decoding parameters; `temperature` 0 is greedy (deterministic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = no top-k cut.
+    pub top_k: u32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
 }
 
 /// Runner → node, in order on the data lane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromRunner {
+    /// First message: where this runner accepts data-plane links, if its
+    /// engine uses any.
+    Hello {
+        data_addr: Option<String>,
+    },
     Status(RunnerState),
     Token {
         task_id: String,
@@ -185,6 +254,9 @@ mod tests {
             },
         ];
         let mut msgs: Vec<FromRunner> = states.into_iter().map(FromRunner::Status).collect();
+        msgs.push(FromRunner::Hello {
+            data_addr: Some("127.0.0.1:9".into()),
+        });
         msgs.push(FromRunner::Token {
             task_id: "t".into(),
             index: 3,
@@ -221,15 +293,11 @@ mod tests {
         let to = [
             ToRunner::Connect {
                 peers: vec!["a".into()],
+                deadline_ms: 5,
             },
             ToRunner::Load,
             ToRunner::WarmUp,
-            ToRunner::Task(TaskRequest {
-                task_id: "t".into(),
-                trace_id: "x".into(),
-                prompt: "p".into(),
-                max_tokens: 4,
-            }),
+            ToRunner::Task(TaskRequest::user("t", "x", "p", 4)),
         ];
         for msg in to {
             let bytes = encode_data(&msg, 1 << 20).unwrap();

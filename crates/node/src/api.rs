@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
-use ipc::proto::TaskOutcome;
+use ipc::proto::{ChatTurn, Sampling, TaskOutcome};
 use ipc::ShutdownMode;
 use serde::Deserialize;
 use supervisor::instance::{SubmitError, TaskEvent, TaskStream, TaskSubmit};
@@ -171,6 +171,41 @@ async fn cancel(
     Ok(Json(serde_json::json!({"task_id": task_id, "cancelled": true})).into_response())
 }
 
+fn sampling_of(req: &ChatRequest) -> Result<Sampling, ApiError> {
+    let temperature = req.temperature.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(format!(
+            "temperature must be between 0 and 2, got {temperature}"
+        )));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
+    }
+    Ok(Sampling {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k: req.top_k.unwrap_or(0),
+        seed: req.seed.unwrap_or_else(|| fastrand::u64(..)),
+    })
+}
+
+/// OpenAI's `stop`: a string or up to 4 strings.
+fn stop_strings(stop: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::bad_request("stop must be a string or an array of at most 4 strings");
+    match stop {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::String(s)) => Ok(vec![s.clone()]),
+        Some(serde_json::Value::Array(items)) if items.len() <= 4 => items
+            .iter()
+            .map(|v| v.as_str().map(String::from).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -195,19 +230,23 @@ async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, Ap
         )));
     }
     let handle = node.resolve(&req.model)?;
-    let prompt = req
+    let sampling = sampling_of(&req)?;
+    let stop = stop_strings(req.stop.as_ref())?;
+    let messages = req
         .messages
         .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .unwrap_or(&req.messages[req.messages.len() - 1])
-        .content
-        .clone();
+        .map(|m| ChatTurn {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect();
     let trace_id = format!("{:016x}", fastrand::u64(..));
     let task = handle
         .submit(TaskSubmit {
-            prompt,
+            messages,
             max_tokens,
+            sampling,
+            stop,
             trace_id,
         })
         .await?;

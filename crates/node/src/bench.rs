@@ -32,6 +32,11 @@ fn fast_instance(runners: u32) -> CreateInstance {
             max_restarts: 0,
             ..Default::default()
         }),
+        sharding: None,
+        layers: None,
+        quantized: None,
+        threads: None,
+        fault: None,
     }
 }
 
@@ -149,8 +154,13 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
         }
         let mut task = handle
             .submit(TaskSubmit {
-                prompt: "cycle".into(),
+                messages: vec![ipc::proto::ChatTurn {
+                    role: "user".into(),
+                    content: "cycle".into(),
+                }],
                 max_tokens: 3,
+                sampling: Default::default(),
+                stop: Vec::new(),
                 trace_id: format!("cycle-{i}"),
             })
             .await?;

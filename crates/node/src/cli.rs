@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use ipc::proto::TaskOutcome;
+use ipc::proto::{ChatTurn, Sampling, TaskOutcome};
 use ipc::ShutdownMode;
 use supervisor::instance::{TaskEvent, TaskSubmit};
 use supervisor::shutdown::ShutdownReport;
@@ -262,6 +262,11 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
             max_restarts: 0,
             ..Default::default()
         }),
+        sharding: None,
+        layers: None,
+        quantized: None,
+        threads: None,
+        fault: None,
     };
     let handle = node.create_instance(request)?;
     let mut err = std::io::stderr();
@@ -280,8 +285,13 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     )?;
     let mut task = handle
         .submit(TaskSubmit {
-            prompt: args.prompt.clone(),
+            messages: vec![ChatTurn {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }],
             max_tokens: args.max_tokens,
+            sampling: Sampling::default(),
+            stop: Vec::new(),
             trace_id: "run".into(),
         })
         .await?;

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use engine::model::ShardSpec;
 use ipc::ShutdownMode;
+use runner::model::{ModelEngineArgs, Sharding};
+use runner::scripted::ScriptedConfig;
+use runner::EngineConfig;
 use serde::{Deserialize, Serialize};
 use supervisor::instance::{
     self, InstanceHandle, InstanceSpec, InstanceState, InstanceView, SupervisorContext, Timeouts,
@@ -39,10 +43,132 @@ pub struct CreateInstance {
     pub timeouts: Option<Timeouts>,
     #[serde(default)]
     pub restart: Option<RestartConfig>,
+    /// Model files: `pipeline` (default) or `tensor`.
+    #[serde(default)]
+    pub sharding: Option<Sharding>,
+    /// Pipeline: each stage's `[start, end)` layer range.
+    #[serde(default)]
+    pub layers: Option<Vec<[usize; 2]>>,
+    /// GGUF: keep the weights quantized rather than dequantizing to f32.
+    #[serde(default)]
+    pub quantized: Option<bool>,
+    /// Compute threads per runner (default: cores / runners).
+    #[serde(default)]
+    pub threads: Option<u32>,
+    /// A scripted fault in a model instance (lifecycle tests).
+    #[serde(default)]
+    pub fault: Option<runner::fault::FaultSpec>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// Compute threads per runner when the request names none: the machine's
+/// cores shared among the runners (runners of one node share its cores).
+fn default_threads(runners: u32) -> u32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    (cores / runners).max(1)
+}
+
+fn scripted_config(
+    scripted: Option<ScriptedConfig>,
+    runners: u32,
+) -> Result<ScriptedConfig, NodeError> {
+    let scripted = scripted.unwrap_or_default();
+    check_fault(scripted.fault.as_ref(), runners)?;
+    Ok(scripted)
+}
+
+fn check_fault(fault: Option<&runner::fault::FaultSpec>, runners: u32) -> Result<(), NodeError> {
+    let Some(fault) = fault else { return Ok(()) };
+    if fault.phase == ipc::proto::Phase::Spawning {
+        return Err(NodeError::BadRequest(
+            "fault.phase spawning cannot be injected (the runner is not running yet); \
+             use connecting, loading, warming_up, ready, running or shutting_down"
+                .into(),
+        ));
+    }
+    if fault.runner >= runners {
+        return Err(NodeError::BadRequest(format!(
+            "fault.runner is {} but the instance has runners 0..{}",
+            fault.runner,
+            runners - 1
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a model instance against the model's own config: the path, the
+/// architecture, tensor degrees and layer ranges; picks balanced layer
+/// ranges when none are given.
+fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
+    let path = std::path::PathBuf::from(&req.model);
+    if !path.exists() {
+        return Err(NodeError::BadRequest(format!(
+            "unknown model {:?}: neither \"scripted\" nor an existing GGUF file or Hugging Face directory",
+            req.model
+        )));
+    }
+    check_fault(req.fault.as_ref(), req.runners)?;
+    let config =
+        engine::loader::read_config(&path).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    let sharding = req.sharding.unwrap_or(Sharding::Pipeline);
+    let runners = req.runners as usize;
+    let mut layers = Vec::new();
+    match sharding {
+        Sharding::Tensor => {
+            if req.layers.is_some() {
+                return Err(NodeError::BadRequest(
+                    "layers applies to pipeline sharding only".into(),
+                ));
+            }
+            let valid = config.valid_tensor_degrees();
+            if !valid.contains(&runners) {
+                return Err(NodeError::BadRequest(format!(
+                    "tensor degree {runners} does not divide the model's {} heads, {} kv heads and {} FFN columns; valid degrees: {valid:?}",
+                    config.n_heads, config.n_kv_heads, config.intermediate_size
+                )));
+            }
+        }
+        Sharding::Pipeline => {
+            let n = config.n_layers;
+            if runners > n {
+                return Err(NodeError::BadRequest(format!(
+                    "{runners} pipeline stages for a model of {n} layers: at most {n}"
+                )));
+            }
+            layers = match &req.layers {
+                Some(given) => {
+                    let ranges: Vec<(usize, usize)> = given.iter().map(|r| (r[0], r[1])).collect();
+                    let contiguous = ranges.len() == runners
+                        && ranges.first().map(|r| r.0) == Some(0)
+                        && ranges.last().map(|r| r.1) == Some(n)
+                        && ranges.iter().all(|r| r.0 < r.1)
+                        && ranges.windows(2).all(|w| w[0].1 == w[1].0);
+                    if !contiguous {
+                        return Err(NodeError::BadRequest(format!(
+                            "layers must be {runners} non-empty, contiguous ranges [start, end) covering 0..{n}, got {given:?}"
+                        )));
+                    }
+                    ranges
+                }
+                None => ShardSpec::pipeline_stages(&config, runners)
+                    .into_iter()
+                    .map(|s| (s.layers.start, s.layers.end))
+                    .collect(),
+            };
+        }
+    }
+    Ok(ModelEngineArgs {
+        path,
+        sharding,
+        layers,
+        quantized: req.quantized.unwrap_or(false),
+        fault: req.fault.clone(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,37 +248,36 @@ impl Node {
     }
 
     pub fn create_instance(&self, req: CreateInstance) -> Result<InstanceHandle, NodeError> {
-        if req.model != "scripted" {
-            return Err(NodeError::BadRequest(format!(
-                "unknown model {:?}: this node serves \"scripted\"",
-                req.model
-            )));
-        }
         if req.runners == 0 || req.runners > MAX_RUNNERS {
             return Err(NodeError::BadRequest(format!(
                 "runners must be between 1 and {MAX_RUNNERS}, got {}",
                 req.runners
             )));
         }
-        let scripted = req.scripted.unwrap_or_default();
-        if let Some(fault) = &scripted.fault {
-            if fault.phase == ipc::proto::Phase::Spawning {
+        let mut runner_env = self.runner_env.clone();
+        let (engine, tasks_to_all_ranks) = if req.model == "scripted" {
+            if req.sharding.is_some() || req.layers.is_some() || req.quantized.is_some() {
                 return Err(NodeError::BadRequest(
-                    "scripted.fault.phase spawning cannot be injected (the runner is not running yet); \
-                     use connecting, loading, warming_up, ready, running or shutting_down"
+                    "sharding, layers and quantized apply to model files, not to \"scripted\""
                         .into(),
                 ));
             }
-            if fault.runner >= req.runners {
-                return Err(NodeError::BadRequest(format!(
-                    "scripted.fault.runner is {} but the instance has runners 0..{}",
-                    fault.runner,
-                    req.runners - 1
-                )));
+            (
+                EngineConfig::Scripted(scripted_config(req.scripted, req.runners)?),
+                true,
+            )
+        } else {
+            if req.scripted.is_some() {
+                return Err(NodeError::BadRequest(
+                    "scripted applies only to model \"scripted\"".into(),
+                ));
             }
-        }
-        let engine_config = serde_json::to_string(&scripted)
-            .map_err(|e| NodeError::BadRequest(format!("scripted config: {e}")))?;
+            let threads = req.threads.unwrap_or_else(|| default_threads(req.runners));
+            runner_env.push(("RAYON_NUM_THREADS".into(), threads.to_string()));
+            (EngineConfig::Model(model_config(&req)?), false)
+        };
+        let engine_config = serde_json::to_string(&engine)
+            .map_err(|e| NodeError::BadRequest(format!("engine config: {e}")))?;
         let instance_id = format!("i-{:08x}", fastrand::u32(..));
         let spec = InstanceSpec {
             instance_id: instance_id.clone(),
@@ -162,7 +287,8 @@ impl Node {
             timeouts: req.timeouts.unwrap_or_default(),
             restart: req.restart.unwrap_or_default(),
             program: self.program.clone(),
-            runner_env: self.runner_env.clone(),
+            runner_env,
+            tasks_to_all_ranks,
         };
         tracing::info!(instance = %instance_id, runners = spec.runners, model = %spec.model, "creating instance");
         let handle = instance::start(self.ctx.clone(), spec);

@@ -22,6 +22,9 @@ pub struct ChatRequest {
     pub top_p: Option<f64>,
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Not in OpenAI's API; accepted as an extension.
+    #[serde(default)]
+    pub top_k: Option<u32>,
     #[serde(default)]
     pub stop: Option<serde_json::Value>,
     #[serde(default)]

@@ -8,9 +8,7 @@
 
 use ipc::proto::TaskRequest;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct EngineError(pub String);
+pub use ::engine::EngineError;
 
 /// What one decoding step produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +28,18 @@ pub trait Engine: Send + 'static {
     /// Per-task state (KV cache, sampler, position).
     type Task: Send;
 
-    /// Sets up links to peer runners.
-    fn connect(&mut self, peers: &[String]) -> Result<(), EngineError>;
+    /// Where this engine accepts data-plane links from peer runners, if it
+    /// uses any; sent to the node before `Idle`.
+    fn data_addr(&self) -> Option<String> {
+        None
+    }
+    /// Sets up links to peer runners (their addresses by rank) within
+    /// `deadline`.
+    fn connect(
+        &mut self,
+        peers: &[String],
+        deadline: std::time::Duration,
+    ) -> Result<(), EngineError>;
     /// Loads weights, calling `progress(done, total)` as it goes.
     fn load(&mut self, progress: &mut dyn FnMut(u32, u32)) -> Result<(), EngineError>;
     /// Runs a real forward pass so the first request is not the slow one.
@@ -40,4 +48,12 @@ pub trait Engine: Send + 'static {
     fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), EngineError>;
     /// One decoding step of `task`.
     fn step(&mut self, task: &mut Self::Task) -> Result<Step, EngineError>;
+    /// The task left (finished, cancelled or failed): release what peers
+    /// hold for it.
+    fn end_task(&mut self, _task: Self::Task) {}
+    /// Closing: release peer links (front to back) before the engine is
+    /// dropped. Called once, on the engine thread, with no task left.
+    fn release(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }

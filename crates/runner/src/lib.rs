@@ -13,8 +13,10 @@
 pub mod engine;
 pub mod fault;
 pub mod lifecycle;
+mod links;
+pub mod model;
 mod process;
 pub mod scripted;
 
 pub use engine::{Engine, EngineError, Step};
-pub use process::{run, RunnerArgs, IPC_FD, LOCK_FD};
+pub use process::{run, EngineConfig, RunnerArgs, IPC_FD, LOCK_FD};

@@ -42,12 +42,7 @@ mod tests {
     use ipc::proto::TaskRequest;
 
     fn task() -> ToRunner {
-        ToRunner::Task(TaskRequest {
-            task_id: "t".into(),
-            trace_id: "x".into(),
-            prompt: "p".into(),
-            max_tokens: 1,
-        })
+        ToRunner::Task(TaskRequest::user("t", "x", "p", 1))
     }
 
     #[test]
@@ -62,7 +57,10 @@ mod tests {
             RunnerState::Loading { done: 1, total: 2 },
         ];
         let msgs = [
-            ToRunner::Connect { peers: vec![] },
+            ToRunner::Connect {
+                peers: vec![],
+                deadline_ms: 1,
+            },
             ToRunner::Load,
             ToRunner::WarmUp,
             task(),

@@ -22,13 +22,14 @@ use ipc::proto::{
     FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, TaskRequest, ToRunner,
 };
 use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
-use supervisor::resources::{CleanupResult, ResourceRegistry};
-use tokio::sync::mpsc;
+use supervisor::resources::{CleanupReport, CleanupResult, ResourceRegistry};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::engine::{Engine, Step};
 use crate::fault::{FaultKind, FaultSpec};
 use crate::lifecycle;
+use crate::model::{EngineNotice, ModelEngine, ModelEngineArgs};
 use crate::scripted::{ScriptedConfig, ScriptedEngine};
 
 /// The node channel, inherited as this fd.
@@ -49,6 +50,14 @@ pub struct RunnerArgs {
     pub world_size: u32,
     /// Engine configuration as JSON (the scripted engine's for now).
     pub engine_config: String,
+}
+
+/// Which engine a runner runs, as the node sends it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineConfig {
+    Scripted(ScriptedConfig),
+    Model(ModelEngineArgs),
 }
 
 /// Runs the runner process to its end; returns the exit code.
@@ -88,13 +97,17 @@ fn cancel_reason(code: u8) -> &'static str {
 }
 
 enum EngineCmd {
-    Connect(Vec<String>),
+    Connect(Vec<String>, Duration),
     Load,
     WarmUp,
     Start(TaskRequest, Arc<AtomicU8>),
 }
 
 enum EngineEvent {
+    /// The engine failed for good outside any task (a stage server).
+    Fatal(String),
+    /// A stage server processed a step.
+    StageStep,
     Progress {
         done: u32,
         total: u32,
@@ -124,31 +137,38 @@ struct Active<T> {
 
 /// The engine thread: takes commands, and round-robins one step per active
 /// task between them, so tasks interleave and a cancel lands within a token.
+/// When its command queue closes (the runner is closing, with no task left)
+/// it releases the engine's peer links and returns how that went.
 fn engine_thread<E: Engine>(
     mut engine: E,
     cmds: std::sync::mpsc::Receiver<EngineCmd>,
     events: mpsc::Sender<EngineEvent>,
-) {
+) -> Result<(), String> {
     let mut active: VecDeque<Active<E::Task>> = VecDeque::new();
     let send = |ev: EngineEvent| events.blocking_send(ev).is_ok();
     loop {
         let cmd = if active.is_empty() {
             match cmds.recv() {
                 Ok(cmd) => Some(cmd),
-                Err(_) => return,
+                Err(_) => return engine.release().map_err(|e| e.to_string()),
             }
         } else {
             match cmds.try_recv() {
                 Ok(cmd) => Some(cmd),
                 Err(std::sync::mpsc::TryRecvError::Empty) => None,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    for a in active.drain(..) {
+                        engine.end_task(a.task);
+                    }
+                    return engine.release().map_err(|e| e.to_string());
+                }
             }
         };
         let ok = match cmd {
             None => true,
-            Some(EngineCmd::Connect(peers)) => send(EngineEvent::PhaseDone {
+            Some(EngineCmd::Connect(peers, deadline)) => send(EngineEvent::PhaseDone {
                 phase: Phase::Connecting,
-                result: engine.connect(&peers).map_err(|e| e.0),
+                result: engine.connect(&peers, deadline).map_err(|e| e.to_string()),
             }),
             Some(EngineCmd::Load) => {
                 let progress_events = events.clone();
@@ -157,12 +177,12 @@ fn engine_thread<E: Engine>(
                 });
                 send(EngineEvent::PhaseDone {
                     phase: Phase::Loading,
-                    result: result.map_err(|e| e.0),
+                    result: result.map_err(|e| e.to_string()),
                 })
             }
             Some(EngineCmd::WarmUp) => send(EngineEvent::PhaseDone {
                 phase: Phase::WarmingUp,
-                result: engine.warm_up().map_err(|e| e.0),
+                result: engine.warm_up().map_err(|e| e.to_string()),
             }),
             Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
                 Ok((task, prompt_tokens)) => {
@@ -177,18 +197,21 @@ fn engine_thread<E: Engine>(
                 }
                 Err(e) => send(EngineEvent::TaskDone {
                     task_id: request.task_id,
-                    outcome: TaskOutcome::Failed { cause: e.0 },
+                    outcome: TaskOutcome::Failed {
+                        cause: e.to_string(),
+                    },
                 }),
             },
         };
         if !ok {
-            return;
+            return Ok(());
         }
         let Some(mut a) = active.pop_front() else {
             continue;
         };
         let cancel = a.cancel.load(Ordering::Acquire);
         let event = if cancel != CANCEL_NONE {
+            engine.end_task(a.task);
             EngineEvent::TaskDone {
                 task_id: a.task_id,
                 outcome: TaskOutcome::Cancelled {
@@ -214,22 +237,30 @@ fn engine_thread<E: Engine>(
                 Ok(Step::Finished {
                     finish_reason,
                     completion_tokens,
-                }) => EngineEvent::TaskDone {
-                    task_id: a.task_id,
-                    outcome: TaskOutcome::Completed {
-                        prompt_tokens: a.prompt_tokens,
-                        completion_tokens,
-                        finish_reason,
-                    },
-                },
-                Err(e) => EngineEvent::TaskDone {
-                    task_id: a.task_id,
-                    outcome: TaskOutcome::Failed { cause: e.0 },
-                },
+                }) => {
+                    engine.end_task(a.task);
+                    EngineEvent::TaskDone {
+                        task_id: a.task_id,
+                        outcome: TaskOutcome::Completed {
+                            prompt_tokens: a.prompt_tokens,
+                            completion_tokens,
+                            finish_reason,
+                        },
+                    }
+                }
+                Err(e) => {
+                    engine.end_task(a.task);
+                    EngineEvent::TaskDone {
+                        task_id: a.task_id,
+                        outcome: TaskOutcome::Failed {
+                            cause: e.to_string(),
+                        },
+                    }
+                }
             }
         };
         if !send(event) {
-            return;
+            return Ok(());
         }
     }
 }
@@ -239,7 +270,7 @@ struct Runner {
     tx: ipc::Sender<FromRunner>,
     state: RunnerState,
     engine: Option<std::sync::mpsc::Sender<EngineCmd>>,
-    engine_thread: Option<std::thread::JoinHandle<()>>,
+    engine_thread: Option<EngineThread>,
     tasks: HashMap<String, Arc<AtomicU8>>,
     fault: Option<FaultSpec>,
     /// Set by `ignore_sigterm`: only pings are answered from then on.
@@ -255,6 +286,8 @@ struct ShutdownPlan {
     /// Set once our `End` is queued.
     close_deadline: Option<Instant>,
     deadline_passed: bool,
+    /// Resources are being released.
+    releasing: bool,
 }
 
 impl Runner {
@@ -337,10 +370,13 @@ impl Runner {
             return;
         }
         match msg {
-            ToRunner::Connect { peers } => {
+            ToRunner::Connect { peers, deadline_ms } => {
                 self.set_state(RunnerState::Connecting).await;
                 self.maybe_fault(Phase::Connecting).await;
-                self.engine(EngineCmd::Connect(peers));
+                self.engine(EngineCmd::Connect(
+                    peers,
+                    Duration::from_millis(deadline_ms),
+                ));
             }
             ToRunner::Load => {
                 self.set_state(RunnerState::Loading { done: 0, total: 0 })
@@ -366,6 +402,12 @@ impl Runner {
 
     async fn on_engine(&mut self, event: EngineEvent) {
         match event {
+            EngineEvent::StageStep => self.maybe_fault(Phase::Running).await,
+            EngineEvent::Fatal(cause) => {
+                let phase = self.state.phase();
+                tracing::error!(%phase, %cause, "engine failed");
+                self.set_state(RunnerState::Failed { phase, cause }).await;
+            }
             EngineEvent::Progress { done, total } => {
                 if matches!(self.state, RunnerState::Loading { .. }) {
                     self.set_state(RunnerState::Loading { done, total }).await;
@@ -457,6 +499,7 @@ impl Runner {
             drain_from: now + self.slow_drain.unwrap_or_default(),
             close_deadline: None,
             deadline_passed: false,
+            releasing: false,
         });
         tracing::debug!(
             ?mode,
@@ -472,17 +515,25 @@ impl Runner {
 
     /// Finishes the drain once every task has its outcome: the last status,
     /// then `End`. Returns true when `End` was queued now.
-    async fn maybe_finish_drain(&mut self) -> bool {
+    /// Once every task has its outcome, starts releasing the runner's
+    /// resources in a task of its own, so the loop keeps answering pings
+    /// while peers finish ending their links; returns where the report will
+    /// arrive.
+    fn maybe_start_release(&mut self) -> Option<oneshot::Receiver<CleanupReport>> {
         let ready = match &self.shutdown {
             Some(plan) => {
-                plan.close_deadline.is_none()
+                !plan.releasing
+                    && plan.close_deadline.is_none()
                     && self.tasks.is_empty()
                     && Instant::now() >= plan.drain_from
             }
             None => false,
         };
         if !ready {
-            return false;
+            return None;
+        }
+        if let Some(plan) = &mut self.shutdown {
+            plan.releasing = true;
         }
         // Release in reverse dependency order (DESIGN §4, closing). Today the
         // engine (its thread and model) is the one resource besides the
@@ -490,27 +541,44 @@ impl Runner {
         let mut registry = ResourceRegistry::new();
         let engine = self.engine.take();
         let thread = self.engine_thread.take();
-        let registered = registry.register("engine", &[], RELEASE_TIMEOUT, move || {
-            Box::pin(async move {
-                // The engine thread ends when its command queue closes; it is
-                // idle (no tasks), so joining it is immediate.
-                drop(engine);
-                match thread {
-                    Some(thread) => {
-                        match tokio::task::spawn_blocking(move || thread.join()).await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(_)) => Err("engine thread panicked".to_string()),
-                            Err(e) => Err(format!("cannot join the engine thread: {e}")),
+        // A stage's engine waits for its upstream to end, which takes as
+        // long as rank 0's drain: allow the rest of the drain deadline.
+        let drain_left = self
+            .shutdown
+            .as_ref()
+            .map(|p| p.drain_deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let registered =
+            registry.register("engine", &[], drain_left + RELEASE_TIMEOUT, move || {
+                Box::pin(async move {
+                    // The engine thread ends when its command queue closes; it is
+                    // idle (no tasks), so joining it is immediate.
+                    drop(engine);
+                    match thread {
+                        Some(thread) => {
+                            match tokio::task::spawn_blocking(move || thread.join()).await {
+                                Ok(Ok(Ok(()))) => Ok(()),
+                                Ok(Ok(Err(e))) => Err(e),
+                                Ok(Err(_)) => Err("engine thread panicked".to_string()),
+                                Err(e) => Err(format!("cannot join the engine thread: {e}")),
+                            }
                         }
+                        None => Ok(()),
                     }
-                    None => Ok(()),
-                }
-            })
-        });
+                })
+            });
         if let Err(e) = registered {
             tracing::error!(error = %e, "cannot register the engine for release");
         }
-        let report = registry.cleanup_all().await;
+        let (report_tx, report_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = report_tx.send(registry.cleanup_all().await);
+        });
+        Some(report_rx)
+    }
+
+    /// The release finished: report it, say `Shutdown`, and end the stream.
+    async fn finish_close(&mut self, report: CleanupReport) {
         let released = report
             .entries
             .into_iter()
@@ -532,7 +600,6 @@ impl Runner {
         if let Some(plan) = &mut self.shutdown {
             plan.close_deadline = Some(Instant::now() + CLOSE_WAIT);
         }
-        true
     }
 }
 
@@ -557,7 +624,7 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         stream,
         ChannelConfig::named(format!("runner:{}->node", args.runner_id)),
     );
-    let config: Result<ScriptedConfig, _> = serde_json::from_str(&args.engine_config);
+    let config: Result<EngineConfig, _> = serde_json::from_str(&args.engine_config);
     let (events_tx, mut events) = mpsc::channel::<EngineEvent>(256);
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<EngineCmd>();
     let mut runner = Runner {
@@ -572,19 +639,36 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         slow_drain: None,
         shutdown: None,
     };
-    let started = config
-        .map_err(|e| format!("invalid engine config: {e}"))
-        .and_then(|config| {
+    let notice_events = events_tx.clone();
+    let notify: Arc<dyn Fn(EngineNotice) + Send + Sync> = Arc::new(move |notice| {
+        let event = match notice {
+            EngineNotice::Fatal(cause) => EngineEvent::Fatal(cause),
+            EngineNotice::StageStep => EngineEvent::StageStep,
+        };
+        // A stage step is frequent: never wait for room to say it.
+        let _ = match event {
+            EngineEvent::StageStep => notice_events.try_send(event).map_err(|_| ()),
+            event => notice_events.blocking_send(event).map_err(|_| ()),
+        };
+    });
+    let started = match config.map_err(|e| format!("invalid engine config: {e}")) {
+        Ok(EngineConfig::Scripted(config)) => {
             runner.fault = config.fault.clone();
-            let engine = ScriptedEngine::new(config, args.rank);
-            std::thread::Builder::new()
-                .name("engine".into())
-                .spawn(move || engine_thread(engine, cmd_rx, events_tx))
-                .map_err(|e| format!("cannot start the engine thread: {e}"))
-        });
+            spawn_engine(ScriptedEngine::new(config, args.rank), cmd_rx, events_tx)
+        }
+        Ok(EngineConfig::Model(model)) => {
+            runner.fault = model.fault.clone();
+            let handle = tokio::runtime::Handle::current();
+            ModelEngine::new(model, args.rank, args.world_size, handle, notify)
+                .map_err(|e| e.to_string())
+                .and_then(|engine| spawn_engine(engine, cmd_rx, events_tx))
+        }
+        Err(cause) => Err(cause),
+    };
     match started {
-        Ok(handle) => {
-            runner.engine_thread = Some(handle);
+        Ok((thread, data_addr)) => {
+            runner.engine_thread = Some(thread);
+            runner.send(FromRunner::Hello { data_addr }).await;
             runner.set_state(RunnerState::Idle).await;
         }
         Err(cause) => {
@@ -596,10 +680,15 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         }
     }
 
+    let mut release: Option<oneshot::Receiver<CleanupReport>> = None;
     loop {
         let wake = runner.next_wake();
         tokio::select! {
             biased;
+            report = wait_release(&mut release) => {
+                release = None;
+                runner.finish_close(report).await;
+            }
             incoming = rx.recv() => match incoming {
                 Incoming::Control(Control::Ping { seq }) => {
                     let _ = runner.tx.send_control(Control::Pong { seq }).await;
@@ -647,17 +736,44 @@ async fn main_loop(args: RunnerArgs) -> i32 {
             }
         }
         if !runner.stalled {
-            runner.maybe_finish_drain().await;
+            if let Some(report) = runner.maybe_start_release() {
+                release = Some(report);
+            }
         }
     }
     runner.tx.finished().await;
     0
 }
 
+async fn wait_release(release: &mut Option<oneshot::Receiver<CleanupReport>>) -> CleanupReport {
+    match release {
+        // The release task always sends; if it died, report nothing released.
+        Some(rx) => rx.await.unwrap_or_default(),
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes bytes onto the node channel behind the channel's back (faults only).
 fn write_raw(bytes: &[u8]) {
     // SAFETY: fd 3 is the open channel socket and `bytes` is a valid buffer.
     let _ = unsafe { libc::write(IPC_FD, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+/// The engine thread; it returns how releasing the engine went.
+type EngineThread = std::thread::JoinHandle<Result<(), String>>;
+
+/// Starts the engine thread; returns it and the engine's data-plane address.
+fn spawn_engine<E: Engine>(
+    engine: E,
+    cmds: std::sync::mpsc::Receiver<EngineCmd>,
+    events: mpsc::Sender<EngineEvent>,
+) -> Result<(EngineThread, Option<String>), String> {
+    let data_addr = engine.data_addr();
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || engine_thread(engine, cmds, events))
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    Ok((thread, data_addr))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

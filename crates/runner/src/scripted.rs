@@ -69,7 +69,7 @@ fn reply_words(prompt: &str) -> Vec<String> {
 impl Engine for ScriptedEngine {
     type Task = ScriptedTask;
 
-    fn connect(&mut self, _peers: &[String]) -> Result<(), EngineError> {
+    fn connect(&mut self, _peers: &[String], _deadline: Duration) -> Result<(), EngineError> {
         Ok(())
     }
 
@@ -88,8 +88,9 @@ impl Engine for ScriptedEngine {
     }
 
     fn start(&mut self, request: &TaskRequest) -> Result<(ScriptedTask, u32), EngineError> {
-        let words = reply_words(&request.prompt);
-        let prompt_tokens = request.prompt.split_whitespace().count() as u32;
+        let prompt = request.last_user_text();
+        let words = reply_words(prompt);
+        let prompt_tokens = prompt.split_whitespace().count() as u32;
         Ok((
             ScriptedTask {
                 words,

@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc::proto::{FromRunner, Phase, RunnerState, TaskOutcome, TaskRequest, ToRunner};
+use ipc::proto::{
+    ChatTurn, FromRunner, Phase, RunnerState, Sampling, TaskOutcome, TaskRequest, ToRunner,
+};
 use ipc::{ChannelStats, Control, ShutdownMode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -93,6 +95,10 @@ pub struct InstanceSpec {
     /// The binary runners re-execute.
     pub program: PathBuf,
     pub runner_env: Vec<(String, String)>,
+    /// Whether every rank takes part in each task as a node-visible task
+    /// (the scripted engine) or only rank 0 does and the other ranks are
+    /// driven over the data plane (the model).
+    pub tasks_to_all_ranks: bool,
 }
 
 /// Shared by every instance of a node.
@@ -166,8 +172,10 @@ pub struct InstanceView {
 /// A task as the API submits it.
 #[derive(Debug, Clone)]
 pub struct TaskSubmit {
-    pub prompt: String,
+    pub messages: Vec<ChatTurn>,
     pub max_tokens: u32,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
     pub trace_id: String,
 }
 
@@ -380,6 +388,8 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         restart_at: None,
         last_shutdown: None,
         delete_requested: None,
+        connect_sent: false,
+        pending_failure: None,
     };
     tokio::spawn(actor.run(cmd_rx));
     handle
@@ -395,6 +405,8 @@ struct Slot {
     hung: Option<Duration>,
     exit: Option<ExitCause>,
     channel: Option<ChannelStats>,
+    /// Where the runner accepts data-plane links (from its `Hello`).
+    data_addr: Option<String>,
 }
 
 impl Slot {
@@ -446,7 +458,16 @@ struct Actor {
     last_shutdown: Option<ShutdownReport>,
     /// A delete arrived while the instance was failed or restarting.
     delete_requested: Option<ShutdownMode>,
+    /// This generation's runners were sent `Connect`.
+    connect_sent: bool,
+    /// A runner's report that its link to a peer broke: usually the echo of
+    /// that peer dying, whose own exit names the real cause. Held for
+    /// [`LINK_LOSS_GRACE`] so the failure is blamed on the right runner.
+    pending_failure: Option<(usize, Phase, String, Instant)>,
 }
+
+/// How long a lost-link report waits for the peer's own exit.
+const LINK_LOSS_GRACE: Duration = Duration::from_millis(300);
 
 impl Actor {
     async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
@@ -506,6 +527,10 @@ impl Actor {
         self.view.send_replace(view);
     }
 
+    fn takes_tasks(&self, rank: usize) -> bool {
+        rank == 0 || self.spec.tasks_to_all_ranks
+    }
+
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat {
             interval: ms(self.spec.timeouts.ping_interval_ms),
@@ -518,6 +543,7 @@ impl Actor {
         let (events_tx, events_rx) = mpsc::channel(1024);
         self.events = Some(events_rx);
         self.slots.clear();
+        self.connect_sent = false;
         self.state = InstanceState::Starting;
         let now = Instant::now();
         for rank in 0..n {
@@ -556,6 +582,7 @@ impl Actor {
                         hung: None,
                         exit: None,
                         channel: None,
+                        data_addr: None,
                     });
                 }
                 Err(e) => {
@@ -572,6 +599,7 @@ impl Actor {
                         hung: None,
                         exit: Some(ExitCause::Code(-1)),
                         channel: None,
+                        data_addr: None,
                     });
                     self.fail(rank as usize, Phase::Spawning, cause).await;
                     return;
@@ -604,11 +632,19 @@ impl Actor {
         if let Some(t) = self.restart_at {
             consider(t);
         }
+        if let Some((_, _, _, t)) = self.pending_failure {
+            consider(t);
+        }
         wake
     }
 
     async fn on_clock(&mut self) {
         let now = Instant::now();
+        if self.pending_failure.as_ref().is_some_and(|p| now >= p.3) {
+            if let Some((rank, phase, cause, _)) = self.pending_failure.take() {
+                self.fail(rank, phase, cause).await;
+            }
+        }
         if let Some(teardown) = &mut self.teardown {
             if teardown.coordinator.deadline().is_some_and(|d| now >= d) {
                 let actions = teardown.coordinator.on_timeout(now);
@@ -707,21 +743,29 @@ impl Actor {
         let request = TaskRequest {
             task_id: task_id.clone(),
             trace_id: task.trace_id.clone(),
-            prompt: task.prompt,
+            messages: task.messages,
             max_tokens: task.max_tokens,
+            sampling: task.sampling,
+            stop: task.stop,
         };
         tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, "task admitted");
         self.tasks.insert(
             task_id.clone(),
             TaskEntry {
                 tx,
-                done: vec![false; self.slots.len()],
+                // Ranks that do not see the task count as done with it.
+                done: (0..self.slots.len())
+                    .map(|r| !self.takes_tasks(r))
+                    .collect(),
                 outcome: None,
                 last_progress: Instant::now(),
             },
         );
         let mut stuck = None;
         for rank in 0..self.slots.len() {
+            if !self.takes_tasks(rank) {
+                continue;
+            }
             let Some(handle) = &self.slots[rank].handle else {
                 continue;
             };
@@ -779,6 +823,9 @@ impl Actor {
     async fn on_runner_event(&mut self, rank: usize, event: RunnerEvent) {
         let now = Instant::now();
         match event {
+            RunnerEvent::Message(FromRunner::Hello { data_addr }) => {
+                self.slots[rank].data_addr = data_addr
+            }
             RunnerEvent::Message(FromRunner::Status(state)) => self.on_status(rank, state).await,
             RunnerEvent::Message(FromRunner::Token { task_id, text, .. }) => {
                 let Some(entry) = self.tasks.get_mut(&task_id) else {
@@ -854,8 +901,10 @@ impl Actor {
         let starting = self.teardown.is_none();
         let next = match &state {
             RunnerState::Idle if starting => {
+                // Connecting needs every runner's data-plane address: the
+                // connect deadline covers waiting for the others too.
                 slot.deadline = Some((now + ms(t.connect_ms), Phase::Connecting, t.connect_ms));
-                Some(ToRunner::Connect { peers: Vec::new() })
+                None
             }
             RunnerState::Connected if starting => {
                 slot.deadline = Some((now + ms(t.load_ms), Phase::Loading, t.load_ms));
@@ -883,6 +932,37 @@ impl Actor {
                 return;
             }
         }
+        // The connect barrier: once, when every runner has reported Idle
+        // (and so its data-plane address).
+        if state == RunnerState::Idle
+            && !self.connect_sent
+            && self.teardown.is_none()
+            && self.slots.len() == self.spec.runners as usize
+            && self
+                .slots
+                .iter()
+                .all(|s| s.history.last() == Some(&RunnerState::Idle))
+        {
+            self.connect_sent = true;
+            let peers: Vec<String> = self
+                .slots
+                .iter()
+                .map(|s| s.data_addr.clone().unwrap_or_default())
+                .collect();
+            for rank in 0..self.slots.len() {
+                let connect = ToRunner::Connect {
+                    peers: peers.clone(),
+                    deadline_ms: t.connect_ms,
+                };
+                let Some(handle) = &self.slots[rank].handle else {
+                    continue;
+                };
+                if let Err(e @ SendFailure::Stuck(_)) = handle.send(connect).await {
+                    self.fail(rank, Phase::Connecting, e.to_string()).await;
+                    return;
+                }
+            }
+        }
         match state {
             RunnerState::Ready
                 if self.state == InstanceState::Starting
@@ -896,6 +976,15 @@ impl Actor {
                 if let Some(teardown) = &mut self.teardown {
                     let actions = teardown.coordinator.on_ack(rank, now);
                     self.perform(actions).await;
+                }
+            }
+            RunnerState::Failed { phase, cause } if cause.contains("link to rank") => {
+                // During a teardown the echo changes nothing; otherwise the
+                // first report is held for the peer's own exit.
+                let hold = self.teardown.is_none();
+                if hold {
+                    self.pending_failure
+                        .get_or_insert((rank, phase, cause, now + LINK_LOSS_GRACE));
                 }
             }
             RunnerState::Failed { phase, cause } => self.fail(rank, phase, cause).await,
@@ -967,6 +1056,7 @@ impl Actor {
     /// Fail-stop: the instance fails because of runner `rank`.
     async fn fail(&mut self, rank: usize, phase: Phase, cause: String) {
         let now = Instant::now();
+        self.pending_failure = None;
         let slot = &self.slots[rank];
         let runner_id = slot.runner_id.clone();
         let runner_id_for_report = runner_id.clone();

@@ -84,6 +84,25 @@ macro_rules! conformance {
             }
 
             #[tokio::test]
+            async fn end_written_resolves_once_end_left() {
+                let ((atx, _arx), (_btx, mut brx)) = ends::<u32, u32>(8).await;
+                atx.send(1).await.unwrap();
+                atx.close("done").await.unwrap();
+                tokio::time::timeout(Duration::from_secs(10), atx.end_written())
+                    .await
+                    .expect("watchdog");
+                assert_eq!(atx.state(), ChannelState::Draining);
+                let (got, end) = recv_all(&mut brx).await;
+                assert_eq!(got, vec![1]);
+                assert_eq!(
+                    end,
+                    Incoming::End {
+                        reason: "done".into()
+                    }
+                );
+            }
+
+            #[tokio::test]
             async fn send_after_close_returns_the_message() {
                 let ((atx, _arx), (_btx, _brx)) = ends::<String, String>(8).await;
                 atx.close("done").await.unwrap();

@@ -5,6 +5,7 @@ mod bad_input;
 mod faults;
 mod harness;
 mod lifecycle;
+mod model;
 mod node_crash;
 mod runner_protocol;
 mod stress;

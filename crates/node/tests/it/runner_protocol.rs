@@ -29,7 +29,7 @@ async fn spawn_runner(spawner: &Spawner) -> (SpawnedRunner, tokio::net::UnixStre
             "--world-size",
             "1",
             "--engine-config",
-            "{}",
+            r#"{"scripted": {}}"#,
         ]
         .iter()
         .map(Into::into)
@@ -54,12 +54,7 @@ async fn next_message(rx: &mut ipc::Receiver<FromRunner>) -> FromRunner {
 }
 
 fn task(id: &str) -> ToRunner {
-    ToRunner::Task(TaskRequest {
-        task_id: id.into(),
-        trace_id: "t".into(),
-        prompt: "a b".into(),
-        max_tokens: 2,
-    })
+    ToRunner::Task(TaskRequest::user(id, "t", "a b", 2))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,6 +63,10 @@ async fn out_of_state_messages_get_error_replies() {
     let (mut runner, stream) = spawn_runner(&spawner).await;
     let (tx, mut rx) =
         ipc::channel::<ToRunner, FromRunner, _>(stream, ChannelConfig::named("test->runner"));
+    assert_eq!(
+        next_message(&mut rx).await,
+        FromRunner::Hello { data_addr: None }
+    );
     assert_eq!(
         next_message(&mut rx).await,
         FromRunner::Status(RunnerState::Idle)
@@ -101,7 +100,12 @@ async fn out_of_state_messages_get_error_replies() {
         other => panic!("expected a failed task, got {other:?}"),
     }
     // The runner is unharmed and proceeds normally.
-    tx.send(ToRunner::Connect { peers: vec![] }).await.unwrap();
+    tx.send(ToRunner::Connect {
+        peers: vec![],
+        deadline_ms: 1000,
+    })
+    .await
+    .unwrap();
     assert_eq!(
         next_message(&mut rx).await,
         FromRunner::Status(RunnerState::Connecting)
@@ -110,7 +114,12 @@ async fn out_of_state_messages_get_error_replies() {
         next_message(&mut rx).await,
         FromRunner::Status(RunnerState::Connected)
     );
-    tx.send(ToRunner::Connect { peers: vec![] }).await.unwrap();
+    tx.send(ToRunner::Connect {
+        peers: vec![],
+        deadline_ms: 1000,
+    })
+    .await
+    .unwrap();
     assert!(matches!(
         next_message(&mut rx).await,
         FromRunner::Rejected { .. }

@@ -1,0 +1,634 @@
+//! A model's chat template (Jinja, as Hugging Face `transformers` renders
+//! it) turned into a prompt string with minijinja.
+//!
+//! Invariants:
+//! * The template is compiled once, in the constructor; a template that does
+//!   not compile is a constructor error, never a render-time surprise.
+//! * The environment matches `transformers`' `apply_chat_template`:
+//!   `trim_blocks` and `lstrip_blocks` on, no auto-escaping, and the globals
+//!   and filters chat templates rely on: `raise_exception(msg)` (a render
+//!   error carrying `msg`), `tojson` (Python `json.dumps` separators), and
+//!   the Python string and dict methods templates call (`.strip()`,
+//!   `.startswith()`, `.items()` …, see [`python_method`]).
+//! * The render context is `messages`, `add_generation_prompt`, `bos_token`
+//!   and `eos_token`, the names `transformers` uses.
+//! * Rendering never panics; a template that raises or misuses a value is an
+//!   [`EngineError::Template`] carrying minijinja's message and line.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use minijinja::value::{from_args, Value, ValueKind};
+use minijinja::{context, AutoEscape, Environment, Error, ErrorKind, State};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::gguf_meta::GgufMeta;
+
+/// One turn of a conversation, as the template sees it
+/// (`message['role']`, `message['content']`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template plus the bos/eos token texts it may print.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// The name the template is registered under; minijinja puts it in error
+    /// messages, so it names where the template came from.
+    name: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("name", &self.name)
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `template`; `bos` and `eos` are the texts of the bos and eos
+    /// tokens (`bos_token`, `eos_token` in the template).
+    pub fn new(template: &str, bos: &str, eos: &str) -> Result<ChatTemplate> {
+        Self::named("chat_template", template, bos, eos)
+    }
+
+    fn named(name: &str, template: &str, bos: &str, eos: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // minijinja would pick escaping from the name's extension (".json"
+        // means JSON-escape); a prompt must come out verbatim.
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
+        env.set_unknown_method_callback(python_method);
+        env.add_template_owned(name.to_string(), template.to_string())
+            .map_err(|e| EngineError::Template(format!("cannot compile: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            name: name.to_string(),
+            bos_token: bos.to_string(),
+            eos_token: eos.to_string(),
+        })
+    }
+
+    /// The template in GGUF metadata (`tokenizer.chat_template`), with the
+    /// bos/eos texts looked up from `tokenizer.ggml.{bos,eos}_token_id`
+    /// (empty when the ids are absent).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<ChatTemplate> {
+        let meta = GgufMeta::new(&content.metadata);
+        let meta_err = |e: crate::gguf_meta::MetadataError| EngineError::Template(e.to_string());
+        let template = meta.str("tokenizer.chat_template").map_err(meta_err)?;
+        let tokens = meta.str_array("tokenizer.ggml.tokens").map_err(meta_err)?;
+        let token_text = |key: &str| -> Result<&str> {
+            match meta.opt_u32(key).map_err(meta_err)? {
+                None => Ok(""),
+                Some(id) => tokens.get(id as usize).copied().ok_or_else(|| {
+                    EngineError::Template(format!(
+                        "gguf metadata key {key}: id {id} is outside the vocabulary of {} tokens",
+                        tokens.len()
+                    ))
+                }),
+            }
+        };
+        let bos = token_text("tokenizer.ggml.bos_token_id")?;
+        let eos = token_text("tokenizer.ggml.eos_token_id")?;
+        Self::named("tokenizer.chat_template", template, bos, eos)
+    }
+
+    /// The template of a Hugging Face `tokenizer_config.json`. When the file
+    /// has no `chat_template`, a `chat_template.jinja` next to it is used
+    /// (newer `transformers` save the template there).
+    pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<ChatTemplate> {
+        let path = path.as_ref();
+        let json = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Template(format!("{}: cannot read: {e}", path.display())))?;
+        let config = parse_config(&json, &path.display().to_string())?;
+        let name = path.display().to_string();
+        match config.chat_template {
+            Some(template) => {
+                let template = pick_template(template, &name)?;
+                Self::named(&name, &template, &config.bos_token, &config.eos_token)
+            }
+            None => {
+                let jinja_path = path.with_file_name("chat_template.jinja");
+                let template = std::fs::read_to_string(&jinja_path).map_err(|e| {
+                    EngineError::Template(format!(
+                        "{name}: no chat_template, and {} cannot be read: {e}",
+                        jinja_path.display()
+                    ))
+                })?;
+                Self::named(
+                    &jinja_path.display().to_string(),
+                    &template,
+                    &config.bos_token,
+                    &config.eos_token,
+                )
+            }
+        }
+    }
+
+    /// [`ChatTemplate::from_tokenizer_config`] on the file's text, without
+    /// the `chat_template.jinja` fallback.
+    pub fn from_tokenizer_config_json(json: &str) -> Result<ChatTemplate> {
+        let name = "tokenizer_config.json";
+        let config = parse_config(json, name)?;
+        let template = config
+            .chat_template
+            .ok_or_else(|| EngineError::Template(format!("{name}: no chat_template")))?;
+        let template = pick_template(template, name)?;
+        Self::named(name, &template, &config.bos_token, &config.eos_token)
+    }
+
+    /// Renders the conversation. With `add_generation_prompt` the template
+    /// appends the header of the assistant's reply (e.g.
+    /// `<|im_start|>assistant\n`), so the model continues as the assistant.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .env
+            .get_template(&self.name)
+            .map_err(|e| EngineError::Template(format!("cannot load compiled template: {e}")))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| EngineError::Template(format!("cannot render: {e}")))
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+}
+
+/// The parts of `tokenizer_config.json` a chat template needs.
+struct ConfigParts {
+    chat_template: Option<TemplateJson>,
+    bos_token: String,
+    eos_token: String,
+}
+
+#[derive(Deserialize)]
+struct ConfigJson {
+    #[serde(default)]
+    chat_template: Option<TemplateJson>,
+    #[serde(default)]
+    bos_token: Option<TokenJson>,
+    #[serde(default)]
+    eos_token: Option<TokenJson>,
+}
+
+/// `chat_template` is a string, or a list of `{"name", "template"}` (models
+/// with separate templates for tool use, RAG …).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TemplateJson {
+    Single(String),
+    Named(Vec<NamedTemplateJson>),
+}
+
+#[derive(Deserialize)]
+struct NamedTemplateJson {
+    name: String,
+    template: String,
+}
+
+/// A special token: a string, an `AddedToken` object with `content`, or null.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenJson {
+    Name(String),
+    Object { content: String },
+    Other(serde::de::IgnoredAny),
+}
+
+impl TokenJson {
+    fn into_text(self) -> String {
+        match self {
+            TokenJson::Name(name) => name,
+            TokenJson::Object { content } => content,
+            TokenJson::Other(_) => String::new(),
+        }
+    }
+}
+
+fn parse_config(json: &str, name: &str) -> Result<ConfigParts> {
+    let config: ConfigJson = serde_json::from_str(json)
+        .map_err(|e| EngineError::Template(format!("{name}: invalid: {e}")))?;
+    Ok(ConfigParts {
+        chat_template: config.chat_template,
+        bos_token: config
+            .bos_token
+            .map(TokenJson::into_text)
+            .unwrap_or_default(),
+        eos_token: config
+            .eos_token
+            .map(TokenJson::into_text)
+            .unwrap_or_default(),
+    })
+}
+
+/// The list form is resolved as `transformers` does without an explicit
+/// choice: the template named "default".
+fn pick_template(template: TemplateJson, name: &str) -> Result<String> {
+    match template {
+        TemplateJson::Single(text) => Ok(text),
+        TemplateJson::Named(list) => {
+            let names: Vec<String> = list.iter().map(|t| format!("{:?}", t.name)).collect();
+            list.into_iter()
+                .find(|t| t.name == "default")
+                .map(|t| t.template)
+                .ok_or_else(|| {
+                    EngineError::Template(format!(
+                        "{name}: chat_template list has no template named \"default\" (has {})",
+                        names.join(", ")
+                    ))
+                })
+        }
+    }
+}
+
+/// `raise_exception(msg)`: templates call it to reject a conversation
+/// (e.g. roles that do not alternate); the message reaches the caller.
+fn raise_exception(message: String) -> std::result::Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `tojson` as `transformers` defines it: Python's `json.dumps` with
+/// `ensure_ascii = False`, so `", "` and `": "` separators without `indent`,
+/// and pretty printing with `indent`.
+fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, Error> {
+    use serde::Serialize as _;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(width) => {
+            let indent_text = vec![b' '; width];
+            let mut serializer = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&indent_text),
+            );
+            value.serialize(&mut serializer)
+        }
+        None => {
+            let mut serializer =
+                serde_json::Serializer::with_formatter(&mut out, PythonJsonFormatter);
+            value.serialize(&mut serializer)
+        }
+    };
+    result.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from_safe_string(text))
+}
+
+/// serde_json's compact output with Python's default separators.
+struct PythonJsonFormatter;
+
+impl serde_json::ser::Formatter for PythonJsonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// Python methods that Hugging Face chat templates call on strings and
+/// dicts, which Jinja2 gets from Python and minijinja does not have:
+/// `strip`/`lstrip`/`rstrip` (optional chars), `startswith`, `endswith`,
+/// `upper`, `lower`, `title`, `capitalize`, `split` (optional separator and
+/// maxsplit), `replace`; `items`, `keys`, `values`, `get`.
+fn python_method(
+    state: &State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, Error> {
+    if let (ValueKind::String, Some(text)) = (value.kind(), value.as_str()) {
+        return match method {
+            "strip" | "lstrip" | "rstrip" => {
+                let (chars,): (Option<&str>,) = from_args(args)?;
+                let strip_char = |c: char| chars.map_or(c.is_whitespace(), |set| set.contains(c));
+                let stripped = match method {
+                    "strip" => text.trim_matches(strip_char),
+                    "lstrip" => text.trim_start_matches(strip_char),
+                    _ => text.trim_end_matches(strip_char),
+                };
+                Ok(Value::from(stripped))
+            }
+            "startswith" => {
+                let (prefix,): (&str,) = from_args(args)?;
+                Ok(Value::from(text.starts_with(prefix)))
+            }
+            "endswith" => {
+                let (suffix,): (&str,) = from_args(args)?;
+                Ok(Value::from(text.ends_with(suffix)))
+            }
+            "upper" => {
+                let () = from_args(args)?;
+                Ok(Value::from(text.to_uppercase()))
+            }
+            "lower" => {
+                let () = from_args(args)?;
+                Ok(Value::from(text.to_lowercase()))
+            }
+            "title" | "capitalize" => {
+                let () = from_args(args)?;
+                state.apply_filter(method, std::slice::from_ref(value))
+            }
+            "split" => {
+                let (separator, max_split): (Option<&str>, Option<i64>) = from_args(args)?;
+                // Python: a negative or missing maxsplit means no limit.
+                let limit = max_split
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(|n| n + 1);
+                let parts: Vec<Value> = match (separator, limit) {
+                    (Some(""), _) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            "split: empty separator",
+                        ))
+                    }
+                    (Some(sep), Some(limit)) => text.splitn(limit, sep).map(Value::from).collect(),
+                    (Some(sep), None) => text.split(sep).map(Value::from).collect(),
+                    (None, limit) => python_whitespace_split(text, limit)
+                        .into_iter()
+                        .map(Value::from)
+                        .collect(),
+                };
+                Ok(Value::from(parts))
+            }
+            "replace" => {
+                let (old, new): (&str, &str) = from_args(args)?;
+                Ok(Value::from(text.replace(old, new)))
+            }
+            _ => Err(Error::from(ErrorKind::UnknownMethod)),
+        };
+    }
+    if value.kind() == ValueKind::Map {
+        return match method {
+            "items" => {
+                let () = from_args(args)?;
+                state.apply_filter("items", std::slice::from_ref(value))
+            }
+            "keys" => {
+                let () = from_args(args)?;
+                Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()))
+            }
+            "values" => {
+                let () = from_args(args)?;
+                let values = value
+                    .try_iter()?
+                    .map(|key| value.get_item(&key))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Ok(Value::from(values))
+            }
+            "get" => {
+                let (key, default): (Value, Option<Value>) = from_args(args)?;
+                let item = value.get_item(&key)?;
+                Ok(if item.is_undefined() {
+                    default.unwrap_or(Value::from(()))
+                } else {
+                    item
+                })
+            }
+            _ => Err(Error::from(ErrorKind::UnknownMethod)),
+        };
+    }
+    Err(Error::from(ErrorKind::UnknownMethod))
+}
+
+/// Python's `str.split()` without a separator: runs of whitespace separate,
+/// leading and trailing whitespace yield no empty parts; with a limit of `n`
+/// parts the last part keeps the rest of the text (left-stripped).
+fn python_whitespace_split(text: &str, limit: Option<usize>) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        if limit.is_some_and(|n| parts.len() + 1 >= n) {
+            parts.push(rest);
+            break;
+        }
+        match rest.find(char::is_whitespace) {
+            Some(end) => {
+                parts.push(&rest[..end]);
+                rest = rest[end..].trim_start();
+            }
+            None => {
+                parts.push(rest);
+                break;
+            }
+        }
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M-Instruct's template, verbatim from its GGUF.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    fn smollm2() -> ChatTemplate {
+        ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap()
+    }
+
+    #[test]
+    fn default_system_block_is_inserted_without_a_system_message() {
+        let out = smollm2()
+            .render(&[ChatMessage::new("user", "Hi")], true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn explicit_system_message_replaces_the_default() {
+        let messages = [
+            ChatMessage::new("system", "Be terse."),
+            ChatMessage::new("user", "Hi"),
+        ];
+        let out = smollm2().render(&messages, true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn multiple_turns_render_in_order() {
+        let messages = [
+            ChatMessage::new("user", "2+2?"),
+            ChatMessage::new("assistant", "4"),
+            ChatMessage::new("user", "and 3+3?"),
+        ];
+        let out = smollm2().render(&messages, false).unwrap();
+        let turns: Vec<&str> = out.split("<|im_start|>").skip(1).collect();
+        assert_eq!(turns.len(), 4, "{out}");
+        assert!(turns[0].starts_with("system\n"));
+        assert_eq!(turns[1], "user\n2+2?<|im_end|>\n");
+        assert_eq!(turns[2], "assistant\n4<|im_end|>\n");
+        assert_eq!(turns[3], "user\nand 3+3?<|im_end|>\n");
+    }
+
+    #[test]
+    fn generation_prompt_is_added_only_when_asked() {
+        let messages = [ChatMessage::new("user", "Hi")];
+        let with = smollm2().render(&messages, true).unwrap();
+        let without = smollm2().render(&messages, false).unwrap();
+        assert_eq!(with, format!("{without}<|im_start|>assistant\n"));
+        assert!(without.ends_with("Hi<|im_end|>\n"));
+    }
+
+    #[test]
+    fn broken_template_is_a_compile_error_naming_the_problem() {
+        let err = ChatTemplate::new("{% for m in messages %}{{ m.content }}", "", "").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("chat template: cannot compile: syntax error"),
+            "{text}"
+        );
+        assert!(text.contains("unexpected end of input"), "{text}");
+        assert!(text.contains("chat_template:1"), "{text}");
+    }
+
+    #[test]
+    fn raise_exception_is_a_render_error_carrying_its_message() {
+        let template = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
+        let chat = ChatTemplate::new(template, "", "").unwrap();
+        assert_eq!(
+            chat.render(&[ChatMessage::new("user", "x")], false)
+                .unwrap(),
+            "ok"
+        );
+        let err = chat
+            .render(&[ChatMessage::new("assistant", "x")], false)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Conversation must start with user"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("chat template: cannot render:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_match_transformers() {
+        // Jinja2 with trim_blocks and lstrip_blocks renders this as "a\nb\n"
+        // (checked with jinja2 3.1): block tags leave no indentation and
+        // swallow their newline.
+        let template = "{% for m in messages %}\n    {% if true %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}";
+        let chat = ChatTemplate::new(template, "", "").unwrap();
+        let out = chat
+            .render(
+                &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+                false,
+            )
+            .unwrap();
+        assert_eq!(out, "a\nb\n");
+    }
+
+    #[test]
+    fn bos_eos_and_python_methods_are_available() {
+        let template = "{{ bos_token }}{% for m in messages %}{{ m['content'].strip() | upper }}|{{ m.content.startswith(' x') }}|{{ m.content.split() | join(',') }}{% endfor %}{{ {'a': [1, 'b']} | tojson }}{{ eos_token }}";
+        let chat = ChatTemplate::new(template, "<s>", "</s>").unwrap();
+        let out = chat
+            .render(&[ChatMessage::new("user", " x y ")], false)
+            .unwrap();
+        assert_eq!(out, "<s>X Y|True|x,y{\"a\": [1, \"b\"]}</s>");
+    }
+
+    #[test]
+    fn tokenizer_config_string_and_list_forms() {
+        let single = r#"{"chat_template": "{{ bos_token }}{{ messages[0].content }}", "bos_token": {"content": "<s>", "lstrip": false}, "eos_token": "</s>"}"#;
+        let chat = ChatTemplate::from_tokenizer_config_json(single).unwrap();
+        assert_eq!(
+            chat.render(&[ChatMessage::new("user", "hi")], false)
+                .unwrap(),
+            "<s>hi"
+        );
+        assert_eq!(chat.eos_token(), "</s>");
+
+        let list = r#"{"chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "default {{ messages | length }}"}]}"#;
+        let chat = ChatTemplate::from_tokenizer_config_json(list).unwrap();
+        assert_eq!(
+            chat.render(&[ChatMessage::new("user", "hi")], true)
+                .unwrap(),
+            "default 1"
+        );
+
+        let no_default = r#"{"chat_template": [{"name": "tool_use", "template": "tools"}]}"#;
+        let err = ChatTemplate::from_tokenizer_config_json(no_default).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "chat template: tokenizer_config.json: chat_template list has no template named \"default\" (has \"tool_use\")"
+        );
+
+        let err = ChatTemplate::from_tokenizer_config_json(r#"{"bos_token": "<s>"}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "chat template: tokenizer_config.json: no chat_template"
+        );
+    }
+
+    #[test]
+    fn python_split_without_separator_drops_empty_parts() {
+        assert_eq!(python_whitespace_split("  a  b c ", None), ["a", "b", "c"]);
+        assert_eq!(python_whitespace_split("  a  b c ", Some(2)), ["a", "b c "]);
+        assert_eq!(python_whitespace_split("   ", None), Vec::<&str>::new());
+    }
+}

@@ -1,0 +1,757 @@
+//! The llama decoder, run as one shard: a range of layers (pipeline) and a
+//! slice of every layer's heads and FFN columns (tensor parallelism).
+//!
+//! Invariants:
+//! * A shard embeds iff `spec.layers.start == 0` and norms + projects to
+//!   logits iff `spec.layers.end == cfg.n_layers`; everything else travels as
+//!   `[seq, hidden]` f32 activations between stages.
+//! * Tensor rank `r` of degree `d` owns heads `[r*H/d, (r+1)*H/d)`, kv heads
+//!   `[r*KV/d, (r+1)*KV/d)` and FFN columns `[r*I/d, (r+1)*I/d)`. Because
+//!   `H/d = (H/KV) * (KV/d)`, every local head's kv head is local too, so
+//!   attention needs no communication; only the outputs of `o_proj` and
+//!   `down_proj` are partial sums, completed by `AllReduce::all_reduce_sum`
+//!   before the residual add (the residual stream is replicated on all ranks).
+//! * RoPE is HF "rotate half" (`candle_nn::rotary_emb::rope`); loaders hand
+//!   over q/k weights in HF row order (GGUF's permutation already undone).
+//! * A `KvCache` holds exactly the positions `0..cache.seq_len()` of this
+//!   shard's layers and kv heads; `forward` must be called with
+//!   `pos == cache.seq_len()`, and a forward that fails part-way poisons the
+//!   cache (later calls error) because some layers would hold one position
+//!   more than others.
+//! * Nothing here panics on bad input: wrong stage input, out-of-vocabulary
+//!   ids, positions past the context and mismatched caches are errors.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// Which part of the model a process runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// The decoder layers this shard runs, `start..end`.
+    pub layers: Range<usize>,
+    /// This shard's rank within its tensor-parallel group, `0..tp_degree`.
+    pub tp_rank: usize,
+    /// Tensor-parallel degree; 1 = no tensor split.
+    pub tp_degree: usize,
+}
+
+impl ShardSpec {
+    /// The whole model in one process.
+    pub fn full(cfg: &ModelConfig) -> Self {
+        ShardSpec {
+            layers: 0..cfg.n_layers,
+            tp_rank: 0,
+            tp_degree: 1,
+        }
+    }
+
+    /// `n` pipeline stages that together cover every layer, balanced by the
+    /// parameters each stage holds rather than by layer count: the last stage
+    /// also holds `lm_head` (vocab x hidden, often as large as several
+    /// layers) and the first stage the embedding lookup table, which the
+    /// loaders keep in the file's compact dtype, so it is counted at half of
+    /// `lm_head`. For SmolLM2-135M and 2 stages this gives 17 + 13 layers.
+    /// Every stage gets at least one layer when `n <= n_layers`; for larger
+    /// `n` the extra stages are empty and `validate` rejects them.
+    pub fn pipeline_stages(cfg: &ModelConfig, n: usize) -> Vec<ShardSpec> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let n_layers = cfg.n_layers;
+        let layer_cost = layer_params(cfg) as f64;
+        let table = (cfg.vocab_size * cfg.hidden_size) as f64;
+        let head_cost = table;
+        let embed_cost = table / 2.0;
+        let total = n_layers as f64 * layer_cost + head_cost + embed_cost;
+        let target = total / n as f64;
+        // Greedy boundaries: stage i ends at the layer where the running
+        // cost is closest to (i+1) * target, keeping at least one layer for
+        // each later stage.
+        let mut stages = Vec::with_capacity(n);
+        let mut start = 0usize;
+        for stage_idx in 0..n {
+            let end = if stage_idx + 1 == n {
+                n_layers
+            } else {
+                let goal = target * (stage_idx + 1) as f64;
+                let cost_at = |end: usize| embed_cost + end as f64 * layer_cost;
+                let min_end = (start + 1).min(n_layers);
+                let max_end = n_layers.saturating_sub(n - stage_idx - 1).max(min_end);
+                (min_end..=max_end)
+                    .min_by(|a, b| {
+                        let da = (cost_at(*a) - goal).abs();
+                        let db = (cost_at(*b) - goal).abs();
+                        da.total_cmp(&db)
+                    })
+                    .unwrap_or(min_end)
+            };
+            stages.push(ShardSpec {
+                layers: start..end,
+                tp_rank: 0,
+                tp_degree: 1,
+            });
+            start = end;
+        }
+        stages
+    }
+
+    /// The `degree` ranks of a tensor-parallel group over all layers.
+    pub fn tensor_ranks(cfg: &ModelConfig, degree: usize) -> Vec<ShardSpec> {
+        (0..degree)
+            .map(|tp_rank| ShardSpec {
+                layers: 0..cfg.n_layers,
+                tp_rank,
+                tp_degree: degree,
+            })
+            .collect()
+    }
+
+    /// Checks that this spec fits `cfg`; the error names what would be valid.
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        if self.layers.start >= self.layers.end || self.layers.end > cfg.n_layers {
+            return Err(EngineError::InvalidShard(format!(
+                "layer range {}..{} is empty or outside the model's {} layers",
+                self.layers.start, self.layers.end, cfg.n_layers
+            )));
+        }
+        let valid = cfg.valid_tensor_degrees();
+        if !valid.contains(&self.tp_degree) {
+            let list = valid
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(EngineError::InvalidShard(format!(
+                "tensor degree {} does not divide {} heads, {} kv heads and FFN width {}; valid degrees: {list}",
+                self.tp_degree, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+            )));
+        }
+        if self.tp_rank >= self.tp_degree {
+            return Err(EngineError::InvalidShard(format!(
+                "tensor rank {} is not below degree {}",
+                self.tp_rank, self.tp_degree
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this shard turns token ids into embeddings.
+    pub fn has_embedding(&self) -> bool {
+        self.layers.start == 0
+    }
+
+    /// Whether this shard ends with the final norm and `lm_head`.
+    pub fn has_lm_head(&self, cfg: &ModelConfig) -> bool {
+        self.layers.end == cfg.n_layers
+    }
+
+    /// This rank's attention heads.
+    pub fn heads(&self, cfg: &ModelConfig) -> Range<usize> {
+        rank_range(cfg.n_heads, self.tp_rank, self.tp_degree)
+    }
+
+    /// This rank's kv heads.
+    pub fn kv_heads(&self, cfg: &ModelConfig) -> Range<usize> {
+        rank_range(cfg.n_kv_heads, self.tp_rank, self.tp_degree)
+    }
+
+    /// This rank's FFN columns (rows of gate/up, columns of down).
+    pub fn ffn_columns(&self, cfg: &ModelConfig) -> Range<usize> {
+        rank_range(cfg.intermediate_size, self.tp_rank, self.tp_degree)
+    }
+}
+
+/// The `rank`-th of `degree` equal parts of `0..n` (callers validated that
+/// `degree` divides `n`).
+fn rank_range(n: usize, rank: usize, degree: usize) -> Range<usize> {
+    let part = n / degree.max(1);
+    rank * part..(rank + 1) * part
+}
+
+/// Parameters of one decoder layer (weights only; norms are negligible).
+fn layer_params(cfg: &ModelConfig) -> usize {
+    let h = cfg.hidden_size;
+    2 * h * cfg.q_width() + 2 * h * cfg.kv_width() + 3 * h * cfg.intermediate_size
+}
+
+/// Sums the partial results of the ranks of a tensor-parallel group. Every
+/// rank calls it the same number of times in the same order (twice per
+/// layer); the result must be bit-identical on all ranks so that their
+/// replicated residual streams, and so their sampled tokens, never diverge.
+pub trait AllReduce {
+    fn all_reduce_sum(&mut self, partial: &Tensor) -> Result<Tensor>;
+}
+
+/// The all-reduce of a group of one: the identity. `Shard::forward` does not
+/// call the all-reduce at all when `tp_degree` is 1, so this is what callers
+/// pass then.
+pub struct NoAllReduce;
+
+impl AllReduce for NoAllReduce {
+    fn all_reduce_sum(&mut self, partial: &Tensor) -> Result<Tensor> {
+        Ok(partial.clone())
+    }
+}
+
+/// What a stage consumes.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids, for the first stage.
+    Tokens(Vec<u32>),
+    /// `[seq, hidden]` f32 activations from the previous stage.
+    Hidden(Tensor),
+}
+
+/// What a stage produces.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// `[seq, hidden]` f32 activations for the next stage.
+    Hidden(Tensor),
+    /// `[vocab]` f32 logits of the last input position only.
+    Logits(Tensor),
+}
+
+/// A weight matrix `[out, in]` applied as `x @ W^T`.
+#[derive(Debug, Clone)]
+pub(crate) enum Linear {
+    /// f32 `[out, in]`.
+    Dense(Tensor),
+    /// GGUF blocks, multiplied without dequantizing.
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(w) => x.matmul(&w.t()?),
+            // QMatMul reads its input as one flat slice.
+            Linear::Quantized(q) => q.forward(&x.contiguous()?),
+        }
+    }
+
+    /// `[out, in]`, for checks.
+    pub(crate) fn dims(&self) -> Vec<usize> {
+        match self {
+            Linear::Dense(w) => w.dims().to_vec(),
+            Linear::Quantized(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+            Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
+        }
+    }
+}
+
+/// The token embedding lookup table, kept compact: rows are converted to
+/// f32 only when looked up.
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    /// `[vocab, hidden]` in f32, f16 or bf16.
+    Dense(Tensor),
+    /// `[vocab, hidden]` GGUF blocks.
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
+            Embedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+
+    pub(crate) fn dims(&self) -> Vec<usize> {
+        match self {
+            Embedding::Dense(t) => t.dims().to_vec(),
+            Embedding::Quantized(q) => q.shape().dims().to_vec(),
+        }
+    }
+}
+
+/// One decoder layer's weights, already sliced to this rank.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) ffn_norm: Tensor,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
+}
+
+/// Everything `Shard::from_parts` needs; built by the loaders.
+pub(crate) struct ShardParts {
+    pub(crate) embedding: Option<Embedding>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) final_norm: Option<Tensor>,
+    pub(crate) lm_head: Option<Linear>,
+}
+
+/// The keys and values of one layer: buffers `[kv_heads, capacity, head_dim]`
+/// of which the first `len` positions are valid.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+/// The smallest buffer a layer cache starts with, in positions; it doubles
+/// when full so decoding copies O(n) in total instead of O(n^2) with `cat`.
+const MIN_CACHE_CAPACITY: usize = 64;
+
+impl LayerCache {
+    /// Appends `[kv_heads, seq, head_dim]` keys and values; returns views of
+    /// all valid positions.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let seq = k.dim(1)?;
+        let needed = self.len + seq;
+        self.k = Some(grow_and_set(self.k.take(), k, self.len, needed)?);
+        self.v = Some(grow_and_set(self.v.take(), v, self.len, needed)?);
+        self.len = needed;
+        match (&self.k, &self.v) {
+            (Some(k_all), Some(v_all)) => {
+                Ok((k_all.narrow(1, 0, needed)?, v_all.narrow(1, 0, needed)?))
+            }
+            _ => candle_core::bail!("kv cache buffer missing after append"),
+        }
+    }
+}
+
+/// Writes `new` at position `len` of `buf` (dim 1), growing `buf` first when
+/// it cannot hold `needed` positions.
+fn grow_and_set(
+    buf: Option<Tensor>,
+    new: &Tensor,
+    len: usize,
+    needed: usize,
+) -> candle_core::Result<Tensor> {
+    let (heads, _, head_dim) = new.dims3()?;
+    let capacity = buf.as_ref().map(|b| b.dim(1)).transpose()?.unwrap_or(0);
+    let buf = match buf {
+        Some(b) if capacity >= needed => b,
+        old => {
+            let new_capacity = needed.max(2 * capacity).max(MIN_CACHE_CAPACITY);
+            let grown = Tensor::zeros((heads, new_capacity, head_dim), DType::F32, new.device())?;
+            if let Some(old) = old {
+                if len > 0 {
+                    grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            grown
+        }
+    };
+    buf.slice_set(&new.contiguous()?, 1, len)?;
+    Ok(buf)
+}
+
+/// The attention keys and values of one task on one shard: only this
+/// shard's layers and kv heads.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    seq_len: usize,
+    poisoned: bool,
+}
+
+impl KvCache {
+    /// Positions held (the next forward must start at this position).
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Forgets every position, so the cache can serve a new task.
+    pub fn clear(&mut self) {
+        for layer in &mut self.layers {
+            *layer = LayerCache::default();
+        }
+        self.seq_len = 0;
+        self.poisoned = false;
+    }
+}
+
+/// One shard of a llama-family model, ready to run.
+#[derive(Debug)]
+pub struct Shard {
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    /// Present iff `spec.has_embedding()`.
+    embedding: Option<Embedding>,
+    layers: Vec<Layer>,
+    /// Both present iff `spec.has_lm_head(cfg)`.
+    final_norm: Option<Tensor>,
+    lm_head: Option<Linear>,
+    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`.
+    inv_freq: Vec<f32>,
+    local_heads: usize,
+    local_kv_heads: usize,
+    device: Device,
+}
+
+impl Shard {
+    /// Assembles a shard from loaded weights, checking that they are exactly
+    /// what `spec` calls for (a loader bug would otherwise surface as a
+    /// shape error in the middle of a task).
+    pub(crate) fn from_parts(cfg: ModelConfig, spec: ShardSpec, parts: ShardParts) -> Result<Self> {
+        spec.validate(&cfg)?;
+        let local_heads = spec.heads(&cfg).len();
+        let local_kv_heads = spec.kv_heads(&cfg).len();
+        let ffn = spec.ffn_columns(&cfg).len();
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let bad = |what: &str| EngineError::Compute(format!("shard assembly: {what}"));
+        if parts.embedding.is_some() != spec.has_embedding()
+            || parts.final_norm.is_some() != spec.has_lm_head(&cfg)
+            || parts.lm_head.is_some() != spec.has_lm_head(&cfg)
+            || parts.layers.len() != spec.layers.len()
+        {
+            return Err(bad("parts do not match the shard spec"));
+        }
+        if let Some(e) = &parts.embedding {
+            if e.dims() != [cfg.vocab_size, h] {
+                return Err(bad(&format!("embedding has shape {:?}", e.dims())));
+            }
+        }
+        if let Some(l) = &parts.lm_head {
+            if l.dims() != [cfg.vocab_size, h] {
+                return Err(bad(&format!("lm_head has shape {:?}", l.dims())));
+            }
+        }
+        for (i, layer) in parts.layers.iter().enumerate() {
+            let expect = [
+                (&layer.q_proj, [local_heads * hd, h]),
+                (&layer.k_proj, [local_kv_heads * hd, h]),
+                (&layer.v_proj, [local_kv_heads * hd, h]),
+                (&layer.o_proj, [h, local_heads * hd]),
+                (&layer.gate_proj, [ffn, h]),
+                (&layer.up_proj, [ffn, h]),
+                (&layer.down_proj, [h, ffn]),
+            ];
+            for (linear, dims) in expect {
+                if linear.dims() != dims {
+                    return Err(bad(&format!(
+                        "layer {} has a projection of shape {:?}, expected {dims:?}",
+                        spec.layers.start + i,
+                        linear.dims()
+                    )));
+                }
+            }
+        }
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        Ok(Shard {
+            embedding: parts.embedding,
+            layers: parts.layers,
+            final_norm: parts.final_norm,
+            lm_head: parts.lm_head,
+            inv_freq,
+            local_heads,
+            local_kv_heads,
+            device: Device::Cpu,
+            cfg,
+            spec,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn spec(&self) -> &ShardSpec {
+        &self.spec
+    }
+
+    /// An empty cache for one task on this shard.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![LayerCache::default(); self.layers.len()],
+            seq_len: 0,
+            poisoned: false,
+        }
+    }
+
+    /// Runs this shard's layers on `input` at positions `pos..pos+seq`
+    /// (prefill when seq > 1, decode when 1), updating `cache`.
+    pub fn forward(
+        &self,
+        input: StageInput,
+        pos: usize,
+        cache: &mut KvCache,
+        all_reduce: &mut dyn AllReduce,
+    ) -> Result<StageOutput> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(EngineError::Compute(format!(
+                "kv cache has {} layers, shard has {}: it belongs to another shard",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        if cache.poisoned {
+            return Err(EngineError::Compute(
+                "kv cache is unusable after a failed forward; clear it".into(),
+            ));
+        }
+        if pos != cache.seq_len {
+            return Err(EngineError::Compute(format!(
+                "forward at position {pos} but the kv cache holds {} positions",
+                cache.seq_len
+            )));
+        }
+        let x = self.stage_input(input)?;
+        let seq = x.dim(0)?;
+        if seq == 0 {
+            return Err(EngineError::Compute("forward on an empty input".into()));
+        }
+        if pos + seq > self.cfg.max_position_embeddings {
+            return Err(EngineError::Compute(format!(
+                "positions {pos}..{} exceed the model's context of {} positions",
+                pos + seq,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        cache.poisoned = true;
+        let out = self.run_layers(x, pos, cache, all_reduce)?;
+        cache.seq_len += seq;
+        cache.poisoned = false;
+        Ok(out)
+    }
+
+    /// Turns the stage input into `[seq, hidden]` f32, checking that it is
+    /// the kind of input this stage takes.
+    fn stage_input(&self, input: StageInput) -> Result<Tensor> {
+        match (input, &self.embedding) {
+            (StageInput::Tokens(ids), Some(embedding)) => {
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                    return Err(EngineError::Compute(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.cfg.vocab_size
+                    )));
+                }
+                let n = ids.len();
+                let ids = Tensor::from_vec(ids, n, &self.device)?;
+                Ok(embedding.lookup(&ids)?)
+            }
+            (StageInput::Tokens(_), None) => Err(EngineError::Compute(format!(
+                "stage with layers {:?} takes hidden states, got token ids",
+                self.spec.layers
+            ))),
+            (StageInput::Hidden(_), Some(_)) => Err(EngineError::Compute(
+                "the first stage takes token ids, got hidden states".into(),
+            )),
+            (StageInput::Hidden(t), None) => {
+                let ok = t.dtype() == DType::F32
+                    && t.rank() == 2
+                    && t.dim(1).ok() == Some(self.cfg.hidden_size);
+                if !ok {
+                    return Err(EngineError::Compute(format!(
+                        "hidden states must be [seq, {}] f32, got {:?} {:?}",
+                        self.cfg.hidden_size,
+                        t.dims(),
+                        t.dtype()
+                    )));
+                }
+                Ok(t)
+            }
+        }
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+        all_reduce: &mut dyn AllReduce,
+    ) -> Result<StageOutput> {
+        let seq = x.dim(0)?;
+        let (cos, sin) = self.rope_tables(pos, seq)?;
+        let mask = if seq > 1 {
+            Some(causal_mask(seq, pos, &self.device)?)
+        } else {
+            None
+        };
+        let eps = self.cfg.rms_norm_eps as f32;
+        let tp = self.spec.tp_degree > 1;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), layer_cache)?;
+            if tp {
+                attn = all_reduce.all_reduce_sum(&attn)?;
+            }
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = layer.gate_proj.forward(&h)?.silu()?;
+            let up = layer.up_proj.forward(&h)?;
+            let mut mlp = layer.down_proj.forward(&(gate * up)?)?;
+            if tp {
+                mlp = all_reduce.all_reduce_sum(&mlp)?;
+            }
+            x = (x + mlp)?;
+        }
+        match (&self.final_norm, &self.lm_head) {
+            (Some(norm), Some(lm_head)) => {
+                let last = x.narrow(0, seq - 1, 1)?;
+                let last = candle_nn::ops::rms_norm(&last, norm, eps)?;
+                let logits = lm_head.forward(&last)?.squeeze(0)?;
+                Ok(StageOutput::Logits(logits))
+            }
+            _ => Ok(StageOutput::Hidden(x)),
+        }
+    }
+
+    /// Grouped-query attention of this rank's heads; returns the `o_proj`
+    /// output, a partial sum when tensor parallel.
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let seq = h.dim(0)?;
+        let hd = self.cfg.head_dim;
+        let (n_heads, n_kv) = (self.local_heads, self.local_kv_heads);
+        // [seq, heads*hd] -> [heads, seq, hd], the layout rope and the
+        // per-head matmuls want.
+        let heads_first = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            t.reshape((seq, heads, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let q = heads_first(layer.q_proj.forward(h)?, n_heads)?;
+        let k = heads_first(layer.k_proj.forward(h)?, n_kv)?;
+        let v = heads_first(layer.v_proj.forward(h)?, n_kv)?;
+        let rope = |t: &Tensor| -> candle_core::Result<Tensor> {
+            candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, cos, sin)?.squeeze(0)
+        };
+        let q = rope(&q)?;
+        let k = rope(&k)?;
+        let (k_all, v_all) = cache.append(&k, &v)?;
+        let total = k_all.dim(1)?;
+        // Heads sharing a kv head are consecutive (head = kv * rep + r), so
+        // grouping q as [kv, rep*seq, hd] multiplies each kv head once
+        // instead of materialising repeated keys and values.
+        let rep = n_heads / n_kv;
+        let q = q.reshape((n_kv, rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((n_kv, rep, seq, total))?
+                .broadcast_add(mask)?
+                .reshape((n_kv, rep * seq, total))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v_all)?
+            .reshape((n_heads, seq, hd))?
+            .transpose(0, 1)?
+            .reshape((seq, n_heads * hd))?;
+        Ok(layer.o_proj.forward(&out)?)
+    }
+
+    /// cos and sin `[seq, head_dim/2]` for positions `pos..pos+seq`,
+    /// computed in f32 like transformers' LlamaRotaryEmbedding.
+    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in pos..pos + seq {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), &self.device)?,
+            Tensor::from_vec(sin, (seq, half), &self.device)?,
+        ))
+    }
+}
+
+/// `[seq, pos+seq]`: 0 where query `i` (at position `pos+i`) may attend to
+/// key `j`, minus infinity where `j` lies in its future.
+fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let total = pos + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, total), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm() -> ModelConfig {
+        ModelConfig {
+            hidden_size: 576,
+            intermediate_size: 1536,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            rope_theta: 100_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn pipeline_stages_cover_all_layers_and_lighten_the_last_stage() {
+        let cfg = smollm();
+        for n in 1..=6 {
+            let stages = ShardSpec::pipeline_stages(&cfg, n);
+            assert_eq!(stages.len(), n);
+            assert_eq!(stages[0].layers.start, 0);
+            assert_eq!(stages[n - 1].layers.end, 30);
+            for w in stages.windows(2) {
+                assert_eq!(w[0].layers.end, w[1].layers.start);
+            }
+            for s in &stages {
+                s.validate(&cfg).expect("every stage is valid");
+            }
+        }
+        let two = ShardSpec::pipeline_stages(&cfg, 2);
+        assert_eq!(two[0].layers, 0..17);
+        assert_eq!(two[1].layers, 17..30);
+    }
+
+    #[test]
+    fn too_many_stages_are_rejected_by_validate() {
+        let mut cfg = smollm();
+        cfg.n_layers = 2;
+        let stages = ShardSpec::pipeline_stages(&cfg, 3);
+        assert_eq!(stages.len(), 3);
+        assert!(stages.iter().any(|s| s.validate(&cfg).is_err()));
+    }
+
+    #[test]
+    fn indivisible_degree_names_the_valid_ones() {
+        let cfg = smollm();
+        let spec = ShardSpec {
+            layers: 0..30,
+            tp_rank: 0,
+            tp_degree: 2,
+        };
+        let err = spec.validate(&cfg).expect_err("9 heads do not split in 2");
+        assert!(err.to_string().contains("valid degrees: 1, 3"), "{err}");
+    }
+
+    #[test]
+    fn causal_mask_with_offset() {
+        let m = causal_mask(2, 3, &Device::Cpu).expect("mask");
+        let rows = m.to_vec2::<f32>().expect("rows");
+        assert_eq!(rows[0][..4], [0.0; 4]);
+        assert!(rows[0][4].is_infinite());
+        assert_eq!(rows[1][..5], [0.0; 5]);
+    }
+}

@@ -1,0 +1,276 @@
+//! Real model inference split across runner processes (issue: pipeline and
+//! tensor parallelism): a tiny random llama the test writes itself, and the
+//! real SmolLM2-135M GGUF when it is present (`scripts/fetch-model.sh`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{fresh_dir, read_chat, runner_pids, watchdog, TestNode};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// The SmolLM2 GGUF, or `None` with a printed reason.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        Some(path)
+    } else {
+        println!(
+            "skipped: {} is missing (run scripts/fetch-model.sh)",
+            path.display()
+        );
+        None
+    }
+}
+
+fn tiny_model(tag: &str) -> PathBuf {
+    let dir = fresh_dir(tag).join("tiny-llama");
+    engine::testing::write_tiny_llama(&dir, 7).expect("write tiny model");
+    dir
+}
+
+async fn create_ready(node: &TestNode, body: Value) -> String {
+    let id = node.create(body).await;
+    let v = node.wait_state(&id, &["ready", "failed"], LONG).await;
+    assert_eq!(v["state"]["state"], "ready", "{v}");
+    id
+}
+
+/// Greedy completion text and finish reason of one chat.
+async fn greedy(node: &TestNode, id: &str, prompt: &str, max_tokens: u32) -> (String, String) {
+    let chat = watchdog("chat", LONG, async {
+        read_chat(node.chat(id, prompt, max_tokens, true).await).await
+    })
+    .await;
+    assert!(chat.errors.is_empty(), "{chat:?}");
+    assert_eq!(chat.finish_reasons.len(), 1, "{chat:?}");
+    (chat.text, chat.finish_reasons[0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_answers_paris_identically_single_pipeline_and_tensor() {
+    let Some(model) = smollm2() else { return };
+    let model = model.to_string_lossy().to_string();
+    let node = TestNode::start("paris");
+    let mut answers = Vec::new();
+    for (runners, sharding) in [(1, "pipeline"), (2, "pipeline"), (3, "tensor")] {
+        let id = create_ready(
+            &node,
+            json!({"model": model, "runners": runners, "sharding": sharding}),
+        )
+        .await;
+        let (text, finish) = greedy(&node, &id, "What is the capital of France?", 24).await;
+        println!("{sharding}-{runners}: {text:?} ({finish})");
+        assert!(
+            text.contains("Paris"),
+            "{sharding}-{runners} answered {text:?}"
+        );
+        answers.push(text);
+        let report = node.delete(&id, "").await;
+        assert_eq!(report["errors"], json!([]), "{report}");
+        assert_eq!(report["escalations"], json!([]), "{report}");
+    }
+    assert_eq!(answers[0], answers[1], "pipeline-2 differs from single");
+    assert_eq!(answers[0], answers[2], "tensor-3 differs from single");
+    node.assert_quiet();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_single_pipeline_and_tensor_agree_over_processes() {
+    let model = tiny_model("tiny-agree");
+    let model = model.to_string_lossy().to_string();
+    let node = TestNode::start("tiny-agree");
+    let mut answers = Vec::new();
+    for (runners, sharding) in [
+        (1, "pipeline"),
+        (2, "pipeline"),
+        (3, "pipeline"),
+        (2, "tensor"),
+    ] {
+        let id = create_ready(
+            &node,
+            json!({"model": model, "runners": runners, "sharding": sharding}),
+        )
+        .await;
+        let (text, _) = greedy(&node, &id, "hello tiny model", 32).await;
+        answers.push((format!("{sharding}-{runners}"), text));
+        let report = node.delete(&id, "").await;
+        assert_eq!(report["errors"], json!([]), "{report}");
+    }
+    for (name, text) in &answers[1..] {
+        assert_eq!(text, &answers[0].1, "{name} differs from single");
+    }
+    node.assert_quiet();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_models_get_clear_errors_and_the_node_keeps_serving() {
+    let node = TestNode::start("bad-model");
+    let tiny = tiny_model("bad-model");
+    // Wrong path, indivisible tensor degree, bad layer ranges: refused at once.
+    let cases = [
+        (
+            json!({"model": "/nonexistent/model.gguf", "runners": 1}),
+            "neither \"scripted\" nor an existing",
+        ),
+        (
+            json!({"model": tiny, "runners": 3, "sharding": "tensor"}),
+            "valid degrees",
+        ),
+        (
+            json!({"model": tiny, "runners": 2, "layers": [[0, 1], [2, 4]]}),
+            "contiguous ranges",
+        ),
+    ];
+    for (body, needle) in cases {
+        let (status, v) = node.call("POST", "/instance", Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+    }
+    // An unsupported architecture in config.json.
+    let other = fresh_dir("arch").join("model");
+    engine::testing::write_tiny_llama(&other, 1).unwrap();
+    let config_path = other.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["architectures"] = json!(["MambaForCausalLM"]);
+    config["model_type"] = json!("mamba");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (status, v) = node
+        .call(
+            "POST",
+            "/instance",
+            Some(json!({"model": other, "runners": 1})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("mamba"),
+        "{v}"
+    );
+    // A truncated weights file: the instance fails in loading, naming the file.
+    let cut = fresh_dir("cut").join("model");
+    engine::testing::write_tiny_llama(&cut, 2).unwrap();
+    let weights = cut.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let id = node
+        .create(json!({"model": cut, "runners": 2, "restart": {"max_restarts": 0}}))
+        .await;
+    let v = node.wait_state(&id, &["failed"], LONG).await;
+    let message = v["failure"]["message"].as_str().unwrap();
+    assert!(message.contains("phase loading"), "{message}");
+    assert!(message.contains("model.safetensors"), "{message}");
+    // The node still serves a good model.
+    let good = create_ready(&node, json!({"model": tiny, "runners": 2})).await;
+    let (text, _) = greedy(&node, &good, "still fine", 4).await;
+    assert!(!text.is_empty());
+}
+
+async fn cancel_mid_generation(sharding: &str, runners: u32) {
+    let model = tiny_model(&format!("cancel-{sharding}"));
+    let node = TestNode::start(&format!("cancel-{sharding}"));
+    let id = create_ready(
+        &node,
+        json!({"model": model, "runners": runners, "sharding": sharding}),
+    )
+    .await;
+    // A long generation, cancelled after its first chunks; another task runs beside it.
+    let mut long = node.chat(&id, "go on and on", 900, true).await;
+    let first: Value = serde_json::from_str(&long.next_data().await.unwrap().unwrap()).unwrap();
+    let task_id = first["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("chatcmpl-")
+        .unwrap()
+        .to_string();
+    let other = tokio::spawn({
+        let base = node.base.clone();
+        let id = id.clone();
+        async move {
+            let body = json!({"model": id, "messages": [{"role": "user", "content": "short"}], "max_tokens": 8, "stream": true});
+            let stream = node::client::stream(
+                "POST",
+                &format!("{base}/v1/chat/completions"),
+                Some(body.to_string()),
+            )
+            .await
+            .unwrap();
+            read_chat(stream).await
+        }
+    });
+    let (status, v) = node
+        .call("POST", &format!("/v1/cancel/{task_id}"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let rest = watchdog("cancelled", LONG, read_chat(long)).await;
+    assert_eq!(rest.finish_reasons, ["cancelled"], "{rest:?}");
+    let other = watchdog("other task", LONG, other).await.unwrap();
+    assert_eq!(other.finish_reasons.len(), 1, "{other:?}");
+    assert!(other.errors.is_empty(), "{other:?}");
+    let report = node.delete(&id, "").await;
+    assert_eq!(report["errors"], json!([]), "{report}");
+    node.assert_quiet();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_generation_pipeline() {
+    cancel_mid_generation("pipeline", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_generation_tensor() {
+    cancel_mid_generation("tensor", 2).await;
+}
+
+async fn kill_rank_mid_generation(sharding: &str, runners: u32, victim: usize) {
+    let model = tiny_model(&format!("kill-{sharding}"));
+    let node = TestNode::start(&format!("kill-{sharding}"));
+    let body = json!({"model": model, "runners": runners, "sharding": sharding, "restart": {"max_restarts": 0}, "timeouts": {"ping_interval_ms": 100, "ping_timeout_ms": 500}});
+    let id = create_ready(&node, body).await;
+    let v = node.instance(&id).await;
+    let pid = v["runners"][victim]["pid"].as_u64().unwrap() as i32;
+    let mut stream = node.chat(&id, "keep talking", 200, true).await;
+    stream.next_data().await.unwrap();
+    // SAFETY: kill(2) on a runner pid this test's node spawned.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let rest = watchdog(
+        "error after the kill",
+        Duration::from_secs(10),
+        read_chat(stream),
+    )
+    .await;
+    assert_eq!(rest.errors.len(), 1, "{rest:?}");
+    assert!(
+        rest.errors[0].contains(&format!("rank {victim}")),
+        "{rest:?}"
+    );
+    let v = node.wait_state(&id, &["failed"], LONG).await;
+    assert!(
+        v["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{id}/{victim}")),
+        "{v}"
+    );
+    watchdog("runners gone", Duration::from_secs(10), async {
+        while !runner_pids(&id).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_pipeline_rank_mid_generation() {
+    kill_rank_mid_generation("pipeline", 3, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_tensor_rank_mid_generation() {
+    kill_rank_mid_generation("tensor", 2, 1).await;
+}

@@ -1,0 +1,785 @@
+//! The model engine: a shard of a llama-family model (crate `engine`) behind
+//! the runner's [`Engine`] trait, with the data plane of [`crate::links`].
+//!
+//! Rank 0 owns every task: it renders the chat template, tokenizes, runs its
+//! shard and drives the others; it alone talks to the node about tasks.
+//! Other ranks are driven over their links by a *stage server* thread,
+//! started after warm-up:
+//!
+//! * pipeline (ring): stage i runs its layers on the activations from stage
+//!   i−1 and passes them on; the last stage samples and sends the token back
+//!   to rank 0. One task is in the pipeline at a time (rank 0 waits for each
+//!   token), so the order of messages on every link is rank 0's order.
+//! * tensor (star): rank 0 sends each step's tokens to every rank; all run
+//!   every layer on their slice and sum partials through rank 0.
+//!
+//! Closing goes front to back: rank 0 ends its outgoing links, each stage
+//! ends its own when its upstream ended, and rank 0 waits for the ends to
+//! come back around, so no stage sees `PeerLost` on a graceful path.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use engine::chat::{ChatMessage, ChatTemplate};
+use engine::loader::{load_shard, WeightFormat};
+use engine::model::{AllReduce, KvCache, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
+use engine::sampler::{Sampler, SamplingParams};
+use engine::tokenizer::Tokenizer;
+use engine::wire::{tensor_from_bytes, tensor_to_bytes};
+use engine::EngineError;
+use ipc::proto::{Sampling, TaskRequest};
+use ipc::Blob;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+
+use crate::engine::{Engine, Step};
+use crate::links::{self, Link, LinkEnd, LinkMsg};
+
+/// How the instance is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    Pipeline,
+    Tensor,
+}
+
+/// The model engine's configuration, as the node sends it (the same for
+/// every rank; each picks its own part).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEngineArgs {
+    /// A `.gguf` file or a Hugging Face model directory.
+    pub path: PathBuf,
+    pub sharding: Sharding,
+    /// Pipeline: each rank's layer range `[start, end)`, by rank.
+    #[serde(default)]
+    pub layers: Vec<(usize, usize)>,
+    /// Keep GGUF weights quantized (`true`) or dequantize to f32.
+    #[serde(default)]
+    pub quantized: bool,
+    /// A scripted fault, for lifecycle tests on a real model.
+    #[serde(default)]
+    pub fault: Option<crate::fault::FaultSpec>,
+}
+
+/// What the engine tells the runner from outside a task.
+pub enum EngineNotice {
+    /// A stage processed a step (the `running` phase of a rank > 0).
+    StageStep,
+    /// The stage server failed for good.
+    Fatal(String),
+}
+
+enum Topology {
+    Alone,
+    Ring { prev: Link, next: Link },
+    Star { links: Vec<Link> },
+}
+
+pub struct ModelEngine {
+    args: ModelEngineArgs,
+    rank: u32,
+    world: u32,
+    handle: Handle,
+    listener: Option<TcpListener>,
+    data_addr: Option<String>,
+    shard: Option<Arc<Shard>>,
+    tokenizer: Option<Tokenizer>,
+    template: Option<ChatTemplate>,
+    eos: Vec<u32>,
+    topology: Option<Topology>,
+    server: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// Tells the runner what the stage server does.
+    notify: Arc<dyn Fn(EngineNotice) + Send + Sync>,
+}
+
+pub struct ModelTask {
+    task_id: String,
+    /// Tokens not yet fed to the model (the prompt, then each sampled token).
+    pending: Vec<u32>,
+    pos: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    sampling: Sampling,
+    produced: u32,
+    max_tokens: u32,
+    stop: Vec<String>,
+    generated: Vec<u32>,
+    /// Text of `generated` handed out so far.
+    emitted: usize,
+    finish: Option<String>,
+}
+
+fn compute(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Compute(e.to_string())
+}
+
+fn sampler_for(s: &Sampling) -> Sampler {
+    Sampler::new(SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k as usize,
+        seed: s.seed,
+    })
+}
+
+impl ModelEngine {
+    pub fn new(
+        args: ModelEngineArgs,
+        rank: u32,
+        world: u32,
+        handle: Handle,
+        notify: Arc<dyn Fn(EngineNotice) + Send + Sync>,
+    ) -> Result<ModelEngine, EngineError> {
+        let (listener, data_addr) = if world > 1 {
+            let (listener, addr) =
+                links::listen().map_err(|e| compute(format!("cannot listen for links: {e}")))?;
+            (Some(listener), Some(addr))
+        } else {
+            (None, None)
+        };
+        Ok(ModelEngine {
+            args,
+            rank,
+            world,
+            handle,
+            listener,
+            data_addr,
+            shard: None,
+            tokenizer: None,
+            template: None,
+            eos: Vec::new(),
+            topology: None,
+            server: None,
+            notify,
+        })
+    }
+
+    fn spec(&self, n_layers: usize) -> Result<ShardSpec, EngineError> {
+        let rank = self.rank as usize;
+        match self.args.sharding {
+            Sharding::Tensor => Ok(ShardSpec {
+                layers: 0..n_layers,
+                tp_rank: rank,
+                tp_degree: self.world as usize,
+            }),
+            Sharding::Pipeline if self.world == 1 => Ok(ShardSpec {
+                layers: 0..n_layers,
+                tp_rank: 0,
+                tp_degree: 1,
+            }),
+            Sharding::Pipeline => {
+                let (start, end) = *self.args.layers.get(rank).ok_or_else(|| {
+                    EngineError::Unsupported(format!(
+                        "no layer range for rank {rank} in {:?}",
+                        self.args.layers
+                    ))
+                })?;
+                Ok(ShardSpec {
+                    layers: start..end,
+                    tp_rank: 0,
+                    tp_degree: 1,
+                })
+            }
+        }
+    }
+
+    fn shard(&self) -> Result<&Arc<Shard>, EngineError> {
+        self.shard
+            .as_ref()
+            .ok_or_else(|| compute("the model is not loaded"))
+    }
+
+    /// Loads the tokenizer and chat template (rank 0 only).
+    fn load_text_side(&mut self) -> Result<(), EngineError> {
+        let path = &self.args.path;
+        let (tokenizer, template) = if path.is_dir() {
+            let tokenizer = Tokenizer::from_file(path.join("tokenizer.json"))?;
+            let template = ChatTemplate::from_tokenizer_config(path.join("tokenizer_config.json"))?;
+            (tokenizer, template)
+        } else {
+            let mut file = std::fs::File::open(path).map_err(|e| EngineError::Model {
+                path: path.display().to_string(),
+                detail: format!("cannot open: {e}"),
+            })?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+                    EngineError::Model {
+                        path: path.display().to_string(),
+                        detail: format!("not a readable GGUF file: {e}"),
+                    }
+                })?;
+            (
+                Tokenizer::from_gguf(&content)?,
+                ChatTemplate::from_gguf(&content)?,
+            )
+        };
+        self.eos = tokenizer.eos_ids();
+        self.tokenizer = Some(tokenizer);
+        self.template = Some(template);
+        Ok(())
+    }
+
+    /// Text of `task.generated` that is safe to hand out now: complete UTF-8
+    /// and not possibly the start of a stop string. Sets `task.finish` when a
+    /// stop string appears.
+    fn take_text(&self, task: &mut ModelTask, flush: bool) -> Result<String, EngineError> {
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| compute("no tokenizer on this rank"))?;
+        let text = tokenizer.decode(&task.generated, true);
+        let mut end = text.len();
+        if !flush && text.ends_with('\u{FFFD}') {
+            // A character split across tokens: wait for the rest.
+            end = text.trim_end_matches('\u{FFFD}').len();
+        }
+        if let Some(at) = task.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            end = at;
+            task.finish = Some("stop".into());
+        } else if !flush {
+            // Hold back a tail that could still grow into a stop string.
+            let held = task
+                .stop
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len())
+                        .filter(|k| s.is_char_boundary(*k))
+                        .filter(|k| text.ends_with(&s[..*k]))
+                })
+                .max()
+                .unwrap_or(0);
+            end = end.min(text.len() - held);
+        }
+        let end = end.max(task.emitted);
+        let out = text.get(task.emitted..end).unwrap_or("").to_string();
+        task.emitted = end;
+        Ok(out)
+    }
+
+    /// Runs rank 0's part of one step; returns the next token.
+    fn next_token(&mut self, task: &mut ModelTask) -> Result<u32, EngineError> {
+        let shard = self.shard()?.clone();
+        let tokens = std::mem::take(&mut task.pending);
+        let n = tokens.len();
+        let pos = task.pos;
+        let handle = self.handle.clone();
+        let token = match self.topology.as_mut() {
+            Some(Topology::Alone) | None => match shard.forward(
+                StageInput::Tokens(tokens),
+                pos,
+                &mut task.cache,
+                &mut NoAllReduce,
+            )? {
+                StageOutput::Logits(logits) => task.sampler.sample(&logits)?,
+                StageOutput::Hidden(_) => {
+                    return Err(compute("a single shard must produce logits"))
+                }
+            },
+            Some(Topology::Ring { prev, next }) => {
+                let hidden = match shard.forward(
+                    StageInput::Tokens(tokens),
+                    pos,
+                    &mut task.cache,
+                    &mut NoAllReduce,
+                )? {
+                    StageOutput::Hidden(h) => h,
+                    StageOutput::Logits(_) => {
+                        return Err(compute("the first stage of a pipeline produced logits"))
+                    }
+                };
+                let data = Blob(tensor_to_bytes(&hidden)?);
+                let msg = LinkMsg::Activations {
+                    task_id: task.task_id.clone(),
+                    pos: pos as u32,
+                    sampling: task.sampling.clone(),
+                    data,
+                };
+                next.send(&handle, msg)?;
+                match prev.expect(&handle)? {
+                    LinkMsg::Token { task_id, token } if task_id == task.task_id => token,
+                    LinkMsg::Failed { cause, .. } => return Err(compute(cause)),
+                    other => {
+                        return Err(compute(format!(
+                            "unexpected message on the token link: {other:?}"
+                        )))
+                    }
+                }
+            }
+            Some(Topology::Star { links }) => {
+                for link in links.iter() {
+                    let msg = LinkMsg::TpStep {
+                        task_id: task.task_id.clone(),
+                        pos: pos as u32,
+                        tokens: tokens.clone(),
+                    };
+                    link.send(&handle, msg)?;
+                }
+                let mut reduce = StarAllReduce::Root {
+                    handle: &handle,
+                    links,
+                };
+                match shard.forward(
+                    StageInput::Tokens(tokens),
+                    pos,
+                    &mut task.cache,
+                    &mut reduce,
+                )? {
+                    StageOutput::Logits(logits) => task.sampler.sample(&logits)?,
+                    StageOutput::Hidden(_) => {
+                        return Err(compute("a tensor shard must produce logits"))
+                    }
+                }
+            }
+        };
+        task.pos += n;
+        Ok(token)
+    }
+}
+
+/// Tensor parallelism's sum through rank 0.
+enum StarAllReduce<'a> {
+    Root {
+        handle: &'a Handle,
+        links: &'a mut [Link],
+    },
+    Leaf {
+        handle: &'a Handle,
+        link: &'a mut Link,
+    },
+}
+
+impl AllReduce for StarAllReduce<'_> {
+    fn all_reduce_sum(&mut self, partial: &Tensor) -> engine::Result<Tensor> {
+        match self {
+            StarAllReduce::Root { handle, links } => {
+                let mut sum = partial.clone();
+                for link in links.iter_mut() {
+                    match link.expect(handle)? {
+                        LinkMsg::Partial { data } => sum = (sum + tensor_from_bytes(&data.0)?)?,
+                        other => {
+                            return Err(compute(format!(
+                                "expected a partial sum from rank {}, got {other:?}",
+                                link.peer_rank
+                            )))
+                        }
+                    }
+                }
+                let bytes = tensor_to_bytes(&sum)?;
+                for link in links.iter() {
+                    link.send(
+                        handle,
+                        LinkMsg::Reduced {
+                            data: Blob(bytes.clone()),
+                        },
+                    )?;
+                }
+                Ok(sum)
+            }
+            StarAllReduce::Leaf { handle, link } => {
+                link.send(
+                    handle,
+                    LinkMsg::Partial {
+                        data: Blob(tensor_to_bytes(partial)?),
+                    },
+                )?;
+                match link.expect(handle)? {
+                    LinkMsg::Reduced { data } => Ok(tensor_from_bytes(&data.0)?),
+                    other => Err(compute(format!(
+                        "expected the reduced sum from rank 0, got {other:?}"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl Engine for ModelEngine {
+    type Task = ModelTask;
+
+    fn data_addr(&self) -> Option<String> {
+        self.data_addr.clone()
+    }
+
+    fn connect(&mut self, peers: &[String], deadline: Duration) -> Result<(), EngineError> {
+        let deadline = Instant::now() + deadline;
+        let topology = match (&self.listener, self.args.sharding) {
+            (None, _) => Topology::Alone,
+            (Some(listener), Sharding::Pipeline) => {
+                match links::connect_ring(
+                    &self.handle,
+                    listener,
+                    self.rank,
+                    self.world,
+                    peers,
+                    deadline,
+                )? {
+                    Some((prev, next)) => Topology::Ring { prev, next },
+                    None => Topology::Alone,
+                }
+            }
+            (Some(listener), Sharding::Tensor) => Topology::Star {
+                links: links::connect_star(
+                    &self.handle,
+                    listener,
+                    self.rank,
+                    self.world,
+                    peers,
+                    deadline,
+                )?,
+            },
+        };
+        // Every link is up: nobody else dials in.
+        self.listener = None;
+        self.topology = Some(topology);
+        Ok(())
+    }
+
+    fn load(&mut self, progress: &mut dyn FnMut(u32, u32)) -> Result<(), EngineError> {
+        let config = engine::loader::read_config(&self.args.path)?;
+        let spec = self.spec(config.n_layers)?;
+        spec.validate(&config)?;
+        let format = if self.args.quantized {
+            WeightFormat::Quantized
+        } else {
+            WeightFormat::F32
+        };
+        let shard = load_shard(&self.args.path, &spec, format, progress)?;
+        self.shard = Some(Arc::new(shard));
+        if self.rank == 0 {
+            self.load_text_side()?;
+        }
+        Ok(())
+    }
+
+    fn warm_up(&mut self) -> Result<(), EngineError> {
+        let shard = self.shard()?.clone();
+        // A real forward pass of this shard's layers on one position, with a
+        // throwaway cache; the sum of tensor parallelism is skipped (local).
+        let mut cache = shard.new_cache();
+        let input = if shard.spec().layers.start == 0 {
+            StageInput::Tokens(vec![0])
+        } else {
+            StageInput::Hidden(Tensor::zeros(
+                (1, shard.config().hidden_size),
+                DType::F32,
+                &Device::Cpu,
+            )?)
+        };
+        shard.forward(input, 0, &mut cache, &mut NoAllReduce)?;
+        if self.rank > 0 {
+            let topology = self
+                .topology
+                .take()
+                .ok_or_else(|| compute("links are not set up"))?;
+            let handle = self.handle.clone();
+            let notify = self.notify.clone();
+            let thread = std::thread::Builder::new()
+                .name("stage".into())
+                .spawn(move || {
+                    let result = stage_server(&shard, &handle, topology, &*notify);
+                    if let Err(cause) = &result {
+                        notify(EngineNotice::Fatal(cause.clone()));
+                    }
+                    result
+                })
+                .map_err(|e| compute(format!("cannot start the stage thread: {e}")))?;
+            self.server = Some(thread);
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, request: &TaskRequest) -> Result<(ModelTask, u32), EngineError> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| compute("tasks go to rank 0"))?;
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| compute("tasks go to rank 0"))?;
+        let messages: Vec<ChatMessage> = request
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let prompt = template.render(&messages, true)?;
+        let ids = tokenizer.encode(&prompt, true);
+        if ids.is_empty() {
+            return Err(EngineError::Tokenizer(
+                "the rendered prompt has no tokens".into(),
+            ));
+        }
+        let shard = self.shard()?;
+        let limit = shard.config().max_position_embeddings;
+        if ids.len() + request.max_tokens as usize > limit {
+            return Err(EngineError::Unsupported(format!(
+                "prompt of {} tokens plus max_tokens {} exceeds the model's context of {limit}",
+                ids.len(),
+                request.max_tokens
+            )));
+        }
+        let prompt_tokens = ids.len() as u32;
+        tracing::debug!(task = %request.task_id, prompt_tokens, "prompt tokenized");
+        let task = ModelTask {
+            task_id: request.task_id.clone(),
+            pending: ids,
+            pos: 0,
+            cache: shard.new_cache(),
+            sampler: sampler_for(&request.sampling),
+            sampling: request.sampling.clone(),
+            produced: 0,
+            max_tokens: request.max_tokens,
+            stop: request.stop.clone(),
+            generated: Vec::new(),
+            emitted: 0,
+            finish: None,
+        };
+        Ok((task, prompt_tokens))
+    }
+
+    fn step(&mut self, task: &mut ModelTask) -> Result<Step, EngineError> {
+        if let Some(reason) = task.finish.clone() {
+            return Ok(Step::Finished {
+                finish_reason: reason,
+                completion_tokens: task.produced,
+            });
+        }
+        if task.produced >= task.max_tokens {
+            task.finish = Some("length".into());
+            let rest = self.take_text(task, true)?;
+            return Ok(if rest.is_empty() {
+                Step::Finished {
+                    finish_reason: "length".into(),
+                    completion_tokens: task.produced,
+                }
+            } else {
+                Step::Token(rest)
+            });
+        }
+        let token = self.next_token(task)?;
+        task.produced += 1;
+        if self.eos.contains(&token) {
+            task.finish = Some("stop".into());
+            let rest = self.take_text(task, true)?;
+            return Ok(if rest.is_empty() {
+                Step::Finished {
+                    finish_reason: "stop".into(),
+                    completion_tokens: task.produced,
+                }
+            } else {
+                Step::Token(rest)
+            });
+        }
+        task.generated.push(token);
+        task.pending.push(token);
+        let text = self.take_text(task, false)?;
+        Ok(if text.is_empty() {
+            Step::Progress
+        } else {
+            Step::Token(text)
+        })
+    }
+
+    fn end_task(&mut self, task: ModelTask) {
+        let handle = self.handle.clone();
+        let finish = LinkMsg::Finish {
+            task_id: task.task_id,
+        };
+        match self.topology.as_ref() {
+            Some(Topology::Ring { next, .. }) => {
+                let _ = next.send(&handle, finish);
+            }
+            Some(Topology::Star { links }) => {
+                for link in links {
+                    let _ = link.send(&handle, finish.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn release(&mut self) -> Result<(), EngineError> {
+        let handle = self.handle.clone();
+        if let Some(server) = self.server.take() {
+            // A stage: its server ends once its upstream ended (front to back).
+            return match server.join() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(compute(e)),
+                Err(_) => Err(compute("the stage thread panicked")),
+            };
+        }
+        match self.topology.take() {
+            Some(Topology::Ring { mut prev, next }) => {
+                next.close(&handle);
+                // The ends come back around the ring.
+                drain_until_end(&handle, &mut prev)
+            }
+            Some(Topology::Star { mut links }) => {
+                for link in &links {
+                    link.close(&handle);
+                }
+                links
+                    .iter_mut()
+                    .try_for_each(|link| drain_until_end(&handle, link))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads a link to its end; anything but a clean end is an error.
+fn drain_until_end(handle: &Handle, link: &mut Link) -> Result<(), EngineError> {
+    loop {
+        match link.recv(handle) {
+            Ok(_) => {}
+            Err(LinkEnd::Ended) => return Ok(()),
+            Err(LinkEnd::Lost(detail)) => return Err(compute(detail)),
+        }
+    }
+}
+
+/// The loop of a rank > 0: serves its links until its upstream ends.
+fn stage_server(
+    shard: &Shard,
+    handle: &Handle,
+    topology: Topology,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    match topology {
+        Topology::Ring { prev, next } => pipeline_stage(shard, handle, prev, next, notify),
+        Topology::Star { mut links } => match links.pop() {
+            Some(link) => tensor_stage(shard, handle, link, notify),
+            None => Ok(()),
+        },
+        Topology::Alone => Ok(()),
+    }
+}
+
+fn pipeline_stage(
+    shard: &Shard,
+    handle: &Handle,
+    mut prev: Link,
+    next: Link,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    let last = shard.spec().layers.end == shard.config().n_layers;
+    let mut tasks: HashMap<String, (KvCache, Option<Sampler>)> = HashMap::new();
+    loop {
+        let msg = match prev.recv(handle) {
+            Ok(msg) => msg,
+            Err(LinkEnd::Ended) => {
+                next.close(handle);
+                return Ok(());
+            }
+            Err(LinkEnd::Lost(detail)) => return Err(detail),
+        };
+        let forwarded = match msg {
+            LinkMsg::Activations {
+                task_id,
+                pos,
+                sampling,
+                data,
+            } => {
+                notify(EngineNotice::StageStep);
+                let entry = tasks
+                    .entry(task_id.clone())
+                    .or_insert_with(|| (shard.new_cache(), None));
+                let result = tensor_from_bytes(&data.0).and_then(|hidden| {
+                    shard.forward(
+                        StageInput::Hidden(hidden),
+                        pos as usize,
+                        &mut entry.0,
+                        &mut NoAllReduce,
+                    )
+                });
+                match result {
+                    Ok(StageOutput::Hidden(hidden)) if !last => match tensor_to_bytes(&hidden) {
+                        Ok(bytes) => LinkMsg::Activations {
+                            task_id,
+                            pos,
+                            sampling,
+                            data: Blob(bytes),
+                        },
+                        Err(e) => LinkMsg::Failed {
+                            task_id,
+                            cause: e.to_string(),
+                        },
+                    },
+                    Ok(StageOutput::Logits(logits)) if last => {
+                        let sampler = entry.1.get_or_insert_with(|| sampler_for(&sampling));
+                        match sampler.sample(&logits) {
+                            Ok(token) => LinkMsg::Token { task_id, token },
+                            Err(e) => LinkMsg::Failed {
+                                task_id,
+                                cause: e.to_string(),
+                            },
+                        }
+                    }
+                    Ok(_) => LinkMsg::Failed {
+                        task_id,
+                        cause: "stage output does not match its place".into(),
+                    },
+                    Err(e) => LinkMsg::Failed {
+                        task_id,
+                        cause: format!("rank {}: {e}", shard.spec().tp_rank),
+                    },
+                }
+            }
+            LinkMsg::Finish { task_id } => {
+                tasks.remove(&task_id);
+                if last {
+                    continue;
+                }
+                LinkMsg::Finish { task_id }
+            }
+            failed @ LinkMsg::Failed { .. } => failed,
+            other => return Err(format!("unexpected message on a pipeline link: {other:?}")),
+        };
+        next.send(handle, forwarded).map_err(|e| e.to_string())?;
+    }
+}
+
+fn tensor_stage(
+    shard: &Shard,
+    handle: &Handle,
+    mut link: Link,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    let mut caches: HashMap<String, KvCache> = HashMap::new();
+    loop {
+        match link.recv(handle) {
+            Ok(LinkMsg::TpStep {
+                task_id,
+                pos,
+                tokens,
+            }) => {
+                notify(EngineNotice::StageStep);
+                let cache = caches.entry(task_id).or_insert_with(|| shard.new_cache());
+                let mut reduce = StarAllReduce::Leaf {
+                    handle,
+                    link: &mut link,
+                };
+                shard
+                    .forward(StageInput::Tokens(tokens), pos as usize, cache, &mut reduce)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(LinkMsg::Finish { task_id }) => {
+                caches.remove(&task_id);
+            }
+            Ok(other) => return Err(format!("unexpected message on a tensor link: {other:?}")),
+            Err(LinkEnd::Ended) => {
+                link.close(handle);
+                return Ok(());
+            }
+            Err(LinkEnd::Lost(detail)) => return Err(detail),
+        }
+    }
+}

@@ -188,3 +188,112 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Prefill and decode speed and peak RSS per runner of a model, for single,
+/// pipeline-2 and tensor-3 instances, f32 and quantized.
+pub async fn model(node: &Arc<Node>, path: &str, runs: usize) -> anyhow::Result<()> {
+    let prompt = "Write a long story about a dragon who learns to cook.";
+    println!("| layout | weights | prefill tok/s (median) | decode tok/s (median) | peak RSS per runner MB |");
+    println!("|---|---|---|---|---|");
+    for quantized in [false, true] {
+        for (runners, sharding) in [(1u32, "pipeline"), (2, "pipeline"), (3, "tensor")] {
+            let request = CreateInstance {
+                model: path.to_string(),
+                runners,
+                scripted: None,
+                timeouts: None,
+                restart: Some(RestartConfig {
+                    max_restarts: 0,
+                    ..Default::default()
+                }),
+                sharding: Some(if sharding == "tensor" {
+                    runner::model::Sharding::Tensor
+                } else {
+                    runner::model::Sharding::Pipeline
+                }),
+                layers: None,
+                quantized: Some(quantized),
+                threads: None,
+                fault: None,
+            };
+            let handle = node.create_instance(request)?;
+            if let Err(cause) = handle.wait_ready().await {
+                bail!("instance failed: {cause}");
+            }
+            let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+            for run in 0..runs {
+                let started = Instant::now();
+                let mut task = handle
+                    .submit(TaskSubmit {
+                        messages: vec![ipc::proto::ChatTurn {
+                            role: "user".into(),
+                            content: prompt.into(),
+                        }],
+                        max_tokens: 64,
+                        sampling: Default::default(),
+                        stop: Vec::new(),
+                        trace_id: format!("bench-{run}"),
+                    })
+                    .await?;
+                let mut first: Option<Instant> = None;
+                let mut last = started;
+                let mut tokens = 0u32;
+                let mut prompt_tokens = 0u32;
+                while let Some(event) = task.next().await {
+                    match event {
+                        TaskEvent::Token(_) => {
+                            first.get_or_insert_with(Instant::now);
+                            last = Instant::now();
+                        }
+                        TaskEvent::Done(ipc::proto::TaskOutcome::Completed {
+                            prompt_tokens: p,
+                            completion_tokens,
+                            ..
+                        }) => {
+                            prompt_tokens = p;
+                            tokens = completion_tokens;
+                        }
+                        TaskEvent::Done(other) => bail!("bench task ended {other:?}"),
+                    }
+                }
+                let first = first.context("no token produced")?;
+                prefill.push(prompt_tokens as f64 / (first - started).as_secs_f64());
+                if tokens > 1 {
+                    decode.push((tokens - 1) as f64 / (last - first).as_secs_f64());
+                }
+            }
+            let rss: Vec<String> = handle
+                .view()
+                .runners
+                .iter()
+                .filter_map(|r| r.pid)
+                .map(|pid| format!("{:.0}", peak_rss_mb(pid)))
+                .collect();
+            let layout = if runners == 1 {
+                "single".to_string()
+            } else {
+                format!("{sharding}-{runners}")
+            };
+            let weights = if quantized { "Q4_1 (quantized)" } else { "f32" };
+            println!(
+                "| {layout} | {weights} | {:.1} | {:.1} | {} |",
+                stats(prefill).median,
+                stats(decode).median,
+                rss.join(" / ")
+            );
+            node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
+                .await?;
+        }
+    }
+    Ok(())
+}

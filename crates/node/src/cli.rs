@@ -65,10 +65,17 @@ pub struct RunArgs {
     /// The prompt to answer.
     #[arg(default_value = "Hello from a model split across runner processes")]
     pub prompt: String,
+    /// `scripted`, a GGUF file or a Hugging Face model directory.
     #[arg(long, default_value = "scripted")]
     pub model: String,
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
+    /// Model files: `pipeline` (layers split across runners) or `tensor`.
+    #[arg(long, default_value = "pipeline")]
+    pub sharding: String,
+    /// GGUF: keep the weights quantized instead of dequantizing to f32.
+    #[arg(long)]
+    pub quantized: bool,
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
     /// Delay per scripted token.
@@ -91,6 +98,14 @@ pub enum BenchWhat {
     Lifecycle {
         #[arg(long, default_value_t = 30)]
         iterations: usize,
+    },
+    /// Prefill/decode tokens/s and peak RSS per runner of a model file.
+    Model {
+        /// A GGUF file or Hugging Face directory.
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: String,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// create → chat → delete cycles (a soak).
     Cycles {
@@ -222,6 +237,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let result = match args.what {
         BenchWhat::Lifecycle { iterations } => crate::bench::lifecycle(&node, iterations).await,
         BenchWhat::Cycles { n } => crate::bench::cycles(&node, n).await,
+        BenchWhat::Model { model, runs } => crate::bench::model(&node, &model, runs).await,
     };
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
@@ -249,22 +265,29 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
 
 async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let scripted = runner::scripted::ScriptedConfig {
+    let is_scripted = args.model == "scripted";
+    let scripted = is_scripted.then(|| runner::scripted::ScriptedConfig {
         token_delay_ms: args.token_delay_ms,
         ..Default::default()
+    });
+    let sharding = match args.sharding.as_str() {
+        _ if is_scripted => None,
+        "pipeline" => Some(runner::model::Sharding::Pipeline),
+        "tensor" => Some(runner::model::Sharding::Tensor),
+        other => bail!("--sharding must be pipeline or tensor, got {other:?}"),
     };
     let request = CreateInstance {
         model: args.model.clone(),
         runners: args.runners,
-        scripted: Some(scripted),
+        scripted,
         timeouts: None,
         restart: Some(supervisor::restart::RestartConfig {
             max_restarts: 0,
             ..Default::default()
         }),
-        sharding: None,
+        sharding,
         layers: None,
-        quantized: None,
+        quantized: (!is_scripted).then_some(args.quantized),
         threads: None,
         fault: None,
     };

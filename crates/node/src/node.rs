@@ -64,13 +64,18 @@ fn one() -> u32 {
     1
 }
 
-/// Compute threads per runner when the request names none: the machine's
-/// cores shared among the runners (runners of one node share its cores).
-fn default_threads(runners: u32) -> u32 {
+/// Compute threads per runner when the request names none. Tensor ranks
+/// compute at the same time, so they share the machine's cores; pipeline
+/// stages take turns (one token is in one stage at a time), so each may use
+/// them all.
+fn default_threads(runners: u32, sharding: Sharding) -> u32 {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    (cores / runners).max(1)
+    match sharding {
+        Sharding::Tensor => (cores / runners).max(1),
+        Sharding::Pipeline => cores,
+    }
 }
 
 fn scripted_config(
@@ -272,7 +277,10 @@ impl Node {
                     "scripted applies only to model \"scripted\"".into(),
                 ));
             }
-            let threads = req.threads.unwrap_or_else(|| default_threads(req.runners));
+            let sharding = req.sharding.unwrap_or(Sharding::Pipeline);
+            let threads = req
+                .threads
+                .unwrap_or_else(|| default_threads(req.runners, sharding));
             runner_env.push(("RAYON_NUM_THREADS".into(), threads.to_string()));
             (EngineConfig::Model(model_config(&req)?), false)
         };

@@ -74,7 +74,9 @@ pub enum LinkMsg {
 pub enum LinkEnd {
     /// The peer announced the end (graceful).
     Ended,
-    /// The peer vanished; the text names the peer and what happened.
+    /// The peer vanished; the text names the peer and what happened, and
+    /// starts with `data plane: ` like every link error, so the node can tell
+    /// an echo of a peer's death from a failure of the runner itself.
     Lost(String),
 }
 
@@ -86,9 +88,12 @@ pub struct Link {
 
 impl Link {
     pub fn send(&self, handle: &Handle, msg: LinkMsg) -> Result<(), EngineError> {
-        handle
-            .block_on(self.tx.send(msg))
-            .map_err(|e| EngineError::Compute(format!("link to rank {} lost: {e}", self.peer_rank)))
+        handle.block_on(self.tx.send(msg)).map_err(|e| {
+            EngineError::Compute(format!(
+                "data plane: link to rank {} lost: {e}",
+                self.peer_rank
+            ))
+        })
     }
 
     /// The next message; control frames are skipped.
@@ -101,7 +106,7 @@ impl Link {
                     Incoming::End { .. } => return Err(LinkEnd::Ended),
                     Incoming::PeerLost(lost) => {
                         return Err(LinkEnd::Lost(format!(
-                            "link to rank {} lost: {lost}",
+                            "data plane: link to rank {} lost: {lost}",
                             self.peer_rank
                         )))
                     }
@@ -113,9 +118,10 @@ impl Link {
     /// Like [`Link::recv`], but an end of the link is an engine error.
     pub fn expect(&mut self, handle: &Handle) -> Result<LinkMsg, EngineError> {
         self.recv(handle).map_err(|end| match end {
-            LinkEnd::Ended => {
-                EngineError::Compute(format!("rank {} ended its link", self.peer_rank))
-            }
+            LinkEnd::Ended => EngineError::Compute(format!(
+                "data plane: rank {} ended its link",
+                self.peer_rank
+            )),
             LinkEnd::Lost(detail) => EngineError::Compute(detail),
         })
     }
@@ -159,7 +165,7 @@ async fn dial(rank: u32, peer: u32, addr: &str, deadline: Instant) -> Result<Lin
             }
             Err(e) => {
                 return Err(EngineError::Compute(format!(
-                    "cannot connect to rank {peer} at {addr} before the deadline: {e}"
+                    "data plane: cannot connect to rank {peer} at {addr} before the deadline: {e}"
                 )))
             }
         }
@@ -168,7 +174,7 @@ async fn dial(rank: u32, peer: u32, addr: &str, deadline: Instant) -> Result<Lin
     let (tx, rx) = ipc::channel::<LinkMsg, LinkMsg, _>(stream, link_config(rank, peer));
     tx.send(LinkMsg::Hello { rank })
         .await
-        .map_err(|e| EngineError::Compute(format!("link to rank {peer}: {e}")))?;
+        .map_err(|e| EngineError::Compute(format!("data plane: link to rank {peer}: {e}")))?;
     Ok(Link {
         peer_rank: peer,
         tx,
@@ -180,18 +186,20 @@ async fn accept(rank: u32, listener: &TcpListener, deadline: Instant) -> Result<
     let left = deadline.saturating_duration_since(Instant::now());
     let (stream, from) = tokio::time::timeout(left, listener.accept())
         .await
-        .map_err(|_| EngineError::Compute("no peer connected before the deadline".into()))?
-        .map_err(|e| EngineError::Compute(format!("accepting a link: {e}")))?;
+        .map_err(|_| {
+            EngineError::Compute("data plane: no peer connected before the deadline".into())
+        })?
+        .map_err(|e| EngineError::Compute(format!("data plane: accepting a link: {e}")))?;
     let _ = stream.set_nodelay(true);
     let (tx, mut rx) = ipc::channel::<LinkMsg, LinkMsg, _>(stream, link_config(rank, u32::MAX));
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, rx.recv()).await {
         Ok(Incoming::Data(LinkMsg::Hello { rank: peer_rank })) => Ok(Link { peer_rank, tx, rx }),
         Ok(other) => Err(EngineError::Compute(format!(
-            "link from {from} did not start with hello: {other:?}"
+            "data plane: link from {from} did not start with hello: {other:?}"
         ))),
         Err(_) => Err(EngineError::Compute(format!(
-            "link from {from} sent no hello before the deadline"
+            "data plane: link from {from} sent no hello before the deadline"
         ))),
     }
 }
@@ -201,7 +209,9 @@ fn peer_addr(peers: &[String], rank: u32) -> Result<&str, EngineError> {
         .get(rank as usize)
         .filter(|a| !a.is_empty())
         .map(String::as_str)
-        .ok_or_else(|| EngineError::Compute(format!("no data-plane address for rank {rank}")))
+        .ok_or_else(|| {
+            EngineError::Compute(format!("data plane: no data-plane address for rank {rank}"))
+        })
 }
 
 /// Pipeline ring: returns (prev, next). With one rank there is no link.
@@ -227,7 +237,7 @@ pub fn connect_ring(
         let (next, prev) = (next?, prev?);
         if prev.peer_rank != prev_rank {
             return Err(EngineError::Compute(format!(
-                "expected the link from rank {prev_rank}, rank {} connected",
+                "data plane: expected the link from rank {prev_rank}, rank {} connected",
                 prev.peer_rank
             )));
         }
@@ -261,7 +271,7 @@ pub fn connect_star(
         let ranks: Vec<u32> = links.iter().map(|l| l.peer_rank).collect();
         if ranks != (1..world).collect::<Vec<_>>() {
             return Err(EngineError::Compute(format!(
-                "unexpected peers linked to rank 0: {ranks:?}"
+                "data plane: unexpected peers linked to rank 0: {ranks:?}"
             )));
         }
         Ok(links)

@@ -430,6 +430,10 @@ struct TaskEntry {
     done: Vec<bool>,
     outcome: Option<TaskOutcome>,
     last_progress: Instant,
+    /// A failure caused by a broken data-plane link is held this long for
+    /// the primary failure (the peer's death), whose message names the
+    /// runner, phase and cause; it is delivered as is if none comes.
+    held_until: Option<Instant>,
 }
 
 struct Teardown {
@@ -467,7 +471,7 @@ struct Actor {
 }
 
 /// How long a lost-link report waits for the peer's own exit.
-const LINK_LOSS_GRACE: Duration = Duration::from_millis(300);
+const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
 
 impl Actor {
     async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
@@ -635,11 +639,23 @@ impl Actor {
         if let Some((_, _, _, t)) = self.pending_failure {
             consider(t);
         }
+        if let Some(t) = self.tasks.values().filter_map(|t| t.held_until).min() {
+            consider(t);
+        }
         wake
     }
 
     async fn on_clock(&mut self) {
         let now = Instant::now();
+        let released: Vec<(String, TaskOutcome)> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.held_until.is_some_and(|h| now >= h))
+            .filter_map(|(id, t)| t.outcome.clone().map(|o| (id.clone(), o)))
+            .collect();
+        for (task_id, outcome) in released {
+            self.finish_task(&task_id, outcome);
+        }
         if self.pending_failure.as_ref().is_some_and(|p| now >= p.3) {
             if let Some((rank, phase, cause, _)) = self.pending_failure.take() {
                 self.fail(rank, phase, cause).await;
@@ -759,6 +775,7 @@ impl Actor {
                     .collect(),
                 outcome: None,
                 last_progress: Instant::now(),
+                held_until: None,
             },
         );
         let mut stuck = None;
@@ -853,7 +870,10 @@ impl Actor {
                     .iter()
                     .enumerate()
                     .all(|(r, d)| *d || self.slots[r].exited());
-                if all_done {
+                let echo = matches!(&entry.outcome, Some(TaskOutcome::Failed { cause }) if cause.contains("data plane: "));
+                if echo && self.teardown.is_none() {
+                    entry.held_until = Some(now + LINK_LOSS_GRACE);
+                } else if all_done {
                     let outcome = entry.outcome.clone().unwrap_or(TaskOutcome::Failed {
                         cause: "no outcome from rank 0".into(),
                     });
@@ -978,7 +998,7 @@ impl Actor {
                     self.perform(actions).await;
                 }
             }
-            RunnerState::Failed { phase, cause } if cause.contains("link to rank") => {
+            RunnerState::Failed { phase, cause } if cause.contains("data plane: ") => {
                 // During a teardown the echo changes nothing; otherwise the
                 // first report is held for the peer's own exit.
                 let hold = self.teardown.is_none();
@@ -1057,6 +1077,13 @@ impl Actor {
     async fn fail(&mut self, rank: usize, phase: Phase, cause: String) {
         let now = Instant::now();
         self.pending_failure = None;
+        // A stage driven over the data plane reports no task of its own, but
+        // it is running whenever the instance has tasks in flight.
+        let phase = if phase == Phase::Ready && !self.tasks.is_empty() {
+            Phase::Running
+        } else {
+            phase
+        };
         let slot = &self.slots[rank];
         let runner_id = slot.runner_id.clone();
         let runner_id_for_report = runner_id.clone();

@@ -156,10 +156,11 @@ impl RunnerHandle {
         let command = RunnerCommand {
             program: spec.program.clone(),
             args,
-            env: spec
-                .extra_env
-                .iter()
-                .map(|(k, v)| (k.into(), v.into()))
+            // A panic's message, not its backtrace, belongs in the last
+            // stderr lines a failure report quotes; RUST_BACKTRACE in the
+            // runner env (extra_env) overrides this.
+            env: std::iter::once(("RUST_BACKTRACE".into(), "0".into()))
+                .chain(spec.extra_env.iter().map(|(k, v)| (k.into(), v.into())))
                 .collect(),
             ipc_fd: theirs.into(),
             lock_fd: Some(lock_fd),

@@ -91,7 +91,21 @@ fn assert_names(message: &str, id: &str, phase: &str, kind: &str) {
 }
 
 async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
-    let id = node.create(instance_body(phase, kind)).await;
+    run_case_with(node, phase, kind, instance_body(phase, kind)).await
+}
+
+/// The same fault as a model instance: 2-stage pipeline of `model`.
+fn model_body(model: &std::path::Path, phase: &str, kind: &str) -> Value {
+    let mut body = instance_body(phase, kind);
+    let fault = body["scripted"]["fault"].take();
+    json!({
+        "model": model, "runners": 2, "sharding": "pipeline", "fault": fault,
+        "timeouts": fast_timeouts(), "restart": {"max_restarts": 0},
+    })
+}
+
+async fn run_case_with(node: &TestNode, phase: &str, kind: &str, body: Value) -> Duration {
+    let id = node.create(body).await;
     let started = Instant::now();
     let detected;
     match (phase, kind) {
@@ -187,6 +201,36 @@ async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
         assert_eq!(status, 200, "{report}");
     }
     detected
+}
+
+/// The lifecycle fault matrix once on a tiny real model (a 2-stage
+/// pipeline). `ignore_sigterm` in `ready`/`running` is left out: it stalls
+/// the runner's control loop, but a model stage serves its links from its own
+/// thread, so the stall is not a failure there (the stall of a whole stage is
+/// what `hang` covers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_on_a_tiny_real_model() {
+    let model = crate::harness::fresh_dir("matrix-model").join("tiny");
+    engine::testing::write_tiny_llama(&model, 11).unwrap();
+    let node = TestNode::start("matrix-model");
+    for phase in [
+        "connecting",
+        "loading",
+        "warming_up",
+        "ready",
+        "running",
+        "shutting_down",
+    ] {
+        let mut timings = Vec::new();
+        for kind in KINDS {
+            if kind == "ignore_sigterm" && matches!(phase, "ready" | "running") {
+                continue;
+            }
+            let took = run_case_with(&node, phase, kind, model_body(&model, phase, kind)).await;
+            timings.push(format!("{kind}={}ms", took.as_millis()));
+        }
+        println!("model fault matrix {phase}: {}", timings.join(" "));
+    }
 }
 
 async fn matrix_for(phase: &str) {

@@ -24,11 +24,12 @@ const SPECIAL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 const TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-/// SplitMix64: the same model on every run for a seed.
-struct Rng(u64);
+/// SplitMix64: the same random tensors on every run for a seed.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next_f32(&mut self) -> f32 {
+    /// Uniform in `[-1, 1)`.
+    pub fn next_f32(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -37,10 +38,27 @@ impl Rng {
         ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    fn tensor(&mut self, dims: &[usize], scale: f32, offset: f32) -> Result<Tensor> {
+    /// `offset` plus uniform noise in `[-scale, scale)`.
+    pub fn tensor(&mut self, dims: &[usize], scale: f32, offset: f32) -> Result<Tensor> {
         let n = dims.iter().product::<usize>();
         let data: Vec<f32> = (0..n).map(|_| offset + scale * self.next_f32()).collect();
         Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
+    }
+}
+
+/// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh`, if it is there;
+/// otherwise prints why a test that needs it is skipped.
+pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        Some(path)
+    } else {
+        println!(
+            "skipped: {} is missing (run scripts/fetch-model.sh)",
+            path.display()
+        );
+        None
     }
 }
 

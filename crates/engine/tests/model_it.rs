@@ -64,24 +64,17 @@ impl Drop for TempDir {
     }
 }
 
-/// SplitMix64, so the tiny model is the same on every run.
-struct Rng(u64);
+/// The shared deterministic generator; its tensors cannot fail to build.
+struct Rng(engine::testing::Rng);
 
 impl Rng {
     fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        self.0.next_f32()
     }
 
     /// Uniform in `[-scale, scale]`.
     fn tensor(&mut self, dims: &[usize], scale: f32, offset: f32) -> Tensor {
-        let n = dims.iter().product::<usize>();
-        let data: Vec<f32> = (0..n).map(|_| offset + scale * self.next_f32()).collect();
-        Tensor::from_vec(data, dims, &Device::Cpu).expect("random tensor")
+        self.0.tensor(dims, scale, offset).expect("random tensor")
     }
 }
 
@@ -93,7 +86,7 @@ fn tiny_weights(seed: u64, tied: bool) -> Vec<(String, Tensor)> {
 }
 
 fn tiny_weights_with_ffn(seed: u64, tied: bool, ffn: usize) -> Vec<(String, Tensor)> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(engine::testing::Rng(seed));
     let lin = |rng: &mut Rng, out: usize, inp: usize| {
         rng.tensor(&[out, inp], 3f32.sqrt() / (inp as f32).sqrt(), 0.0)
     };
@@ -1142,7 +1135,7 @@ fn truncated_gguf_fails_naming_file_and_tensor() {
 fn garbage_files_and_missing_paths_fail_naming_the_path() {
     let dir = TempDir::new("garbage");
     let garbage = dir.path().join("model.gguf");
-    let mut rng = Rng(99);
+    let mut rng = Rng(engine::testing::Rng(99));
     let bytes: Vec<u8> = (0..4096)
         .map(|_| (rng.next_f32() * 127.0) as i8 as u8)
         .collect();
@@ -1332,7 +1325,7 @@ proptest! {
         seed in any::<u64>(),
         cut in any::<prop::sample::Index>(),
     ) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng(engine::testing::Rng(seed));
         let t = rng.tensor(&[rows, cols], 100.0, 0.0);
         let bytes = tensor_to_bytes(&t).expect("encode");
         let back = tensor_from_bytes(&bytes).expect("decode");
@@ -1350,17 +1343,7 @@ proptest! {
 
 /// The real model, when `scripts/fetch-model.sh` has fetched it.
 fn smollm2() -> Option<PathBuf> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        println!(
-            "skipped: {} is missing (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
+    engine::testing::smollm2_gguf()
 }
 
 #[test]

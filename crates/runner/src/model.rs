@@ -261,6 +261,22 @@ impl ModelEngine {
         Ok(out)
     }
 
+    /// Ends a task: the text still held back goes out first, `Finished`
+    /// (with the reason, a stop string's if the rest held one) on the next
+    /// step.
+    fn finish(&self, task: &mut ModelTask, reason: &str) -> Result<Step, EngineError> {
+        task.finish = Some(reason.into());
+        let rest = self.take_text(task, true)?;
+        if !rest.is_empty() {
+            return Ok(Step::Token(rest));
+        }
+        let finish_reason = task.finish.clone().unwrap_or_else(|| reason.into());
+        Ok(Step::Finished {
+            finish_reason,
+            completion_tokens: task.produced,
+        })
+    }
+
     /// Runs rank 0's part of one step; returns the next token.
     fn next_token(&mut self, task: &mut ModelTask) -> Result<u32, EngineError> {
         let shard = self.shard()?.clone();
@@ -553,30 +569,12 @@ impl Engine for ModelEngine {
             });
         }
         if task.produced >= task.max_tokens {
-            task.finish = Some("length".into());
-            let rest = self.take_text(task, true)?;
-            return Ok(if rest.is_empty() {
-                Step::Finished {
-                    finish_reason: "length".into(),
-                    completion_tokens: task.produced,
-                }
-            } else {
-                Step::Token(rest)
-            });
+            return self.finish(task, "length");
         }
         let token = self.next_token(task)?;
         task.produced += 1;
         if self.eos.contains(&token) {
-            task.finish = Some("stop".into());
-            let rest = self.take_text(task, true)?;
-            return Ok(if rest.is_empty() {
-                Step::Finished {
-                    finish_reason: "stop".into(),
-                    completion_tokens: task.produced,
-                }
-            } else {
-                Step::Token(rest)
-            });
+            return self.finish(task, "stop");
         }
         task.generated.push(token);
         task.pending.push(token);

@@ -387,7 +387,7 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         epoch: Instant::now(),
         restart_at: None,
         last_shutdown: None,
-        delete_requested: None,
+        delete_requested: false,
         connect_sent: false,
         pending_failure: None,
     };
@@ -460,8 +460,8 @@ struct Actor {
     epoch: Instant,
     restart_at: Option<Instant>,
     last_shutdown: Option<ShutdownReport>,
-    /// A delete arrived while the instance was failed or restarting.
-    delete_requested: Option<ShutdownMode>,
+    /// A delete arrived during a failure's teardown: delete, do not restart.
+    delete_requested: bool,
     /// This generation's runners were sent `Connect`.
     connect_sent: bool,
     /// A runner's report that its link to a peer broke: usually the echo of
@@ -701,14 +701,9 @@ impl Actor {
         }
         if self.restart_at.is_some_and(|t| now >= t) {
             self.restart_at = None;
-            if let Some(mode) = self.delete_requested {
-                let _ = mode;
-                self.state = InstanceState::Deleted;
-            } else {
-                tracing::info!(instance = %self.spec.instance_id, restarts = self.restart.restarts(), "restarting instance");
-                self.failure = None;
-                self.spawn_generation().await;
-            }
+            tracing::info!(instance = %self.spec.instance_id, restarts = self.restart.restarts(), "restarting instance");
+            self.failure = None;
+            self.spawn_generation().await;
         }
     }
 
@@ -1086,7 +1081,6 @@ impl Actor {
         };
         let slot = &self.slots[rank];
         let runner_id = slot.runner_id.clone();
-        let runner_id_for_report = runner_id.clone();
         if let Some(teardown) = &mut self.teardown {
             // Already tearing down: stop this runner without waiting.
             let why = format!("runner {runner_id} failed in phase {phase}: {cause}");
@@ -1117,7 +1111,7 @@ impl Actor {
         }
         tracing::error!(instance = %self.spec.instance_id, runner = %runner_id, %phase, "{message}");
         self.failure = Some(FailureReport {
-            runner_id,
+            runner_id: runner_id.clone(),
             rank: rank as u32,
             phase,
             cause: cause.clone(),
@@ -1150,7 +1144,7 @@ impl Actor {
                 // for the phase deadlines.
                 let actions = teardown.coordinator.on_failed(
                     rank,
-                    format!("runner {runner_id_for_report} failed: {cause}"),
+                    format!("runner {runner_id} failed: {cause}"),
                     now,
                 );
                 self.perform(actions).await;
@@ -1165,17 +1159,16 @@ impl Actor {
         reply: oneshot::Sender<ShutdownReport>,
     ) {
         if let Some(teardown) = &mut self.teardown {
-            if !teardown.after_failure {
-                teardown.replies.push(reply);
-                return;
-            }
-            // A delete while a failure's teardown runs: finish it, then delete.
+            // Wait for the running teardown; one that follows a failure then
+            // deletes the instance instead of restarting it.
             teardown.replies.push(reply);
-            self.delete_requested = Some(mode);
+            self.delete_requested |= teardown.after_failure;
             return;
         }
         match self.state {
-            InstanceState::Failed { .. } | InstanceState::Restarting { .. } => {
+            InstanceState::Failed { .. }
+            | InstanceState::Restarting { .. }
+            | InstanceState::Deleted => {
                 self.restart_at = None;
                 self.state = InstanceState::Deleted;
                 let report = self
@@ -1183,13 +1176,6 @@ impl Actor {
                     .clone()
                     .unwrap_or_else(|| self.empty_report(mode));
                 let _ = reply.send(report);
-            }
-            InstanceState::Deleted => {
-                let _ = reply.send(
-                    self.last_shutdown
-                        .clone()
-                        .unwrap_or_else(|| self.empty_report(mode)),
-                );
             }
             _ => {
                 self.begin_teardown(mode, drain, "requested".into(), false)
@@ -1203,7 +1189,7 @@ impl Actor {
     }
 
     fn empty_report(&self, mode: ShutdownMode) -> ShutdownReport {
-        let coordinator = ShutdownCoordinator::new(
+        let mut coordinator = ShutdownCoordinator::new(
             &self.spec.instance_id,
             Vec::new(),
             &[],
@@ -1212,8 +1198,7 @@ impl Actor {
             self.deadlines(None),
             Instant::now(),
         );
-        let mut c = coordinator;
-        c.report_mut().clone()
+        coordinator.report_mut().clone()
     }
 
     fn deadlines(&self, drain: Option<Duration>) -> ShutdownDeadlines {
@@ -1327,7 +1312,7 @@ impl Actor {
         for reply in teardown.replies.drain(..) {
             let _ = reply.send(report.clone());
         }
-        if !teardown.after_failure || self.delete_requested.is_some() {
+        if !teardown.after_failure || self.delete_requested {
             self.state = InstanceState::Deleted;
             return;
         }

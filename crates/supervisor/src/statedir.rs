@@ -142,19 +142,12 @@ impl StateDir {
             fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
         }
         let lock_path = path.join(NODE_LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        if !try_lock(&lock).map_err(io_error("lock", &lock_path))? {
+        let Some(lock) = open_locked(&lock_path)? else {
             return Err(StateDirError::InUse {
                 path: path.to_owned(),
                 pid: read_pid(&lock_path),
             });
-        }
+        };
         // Only the lock holder writes, so truncating cannot race a writer; a
         // reader may briefly see an empty file and then says "pid unknown".
         let pid_line = format!("{}\n", std::process::id());
@@ -187,19 +180,12 @@ impl StateDir {
     pub fn runner_lock(&self, key: &str) -> Result<OwnedFd, StateDirError> {
         validate_key(key)?;
         let lock_path = self.runner_file(key, LOCK_SUFFIX);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        if !try_lock(&lock).map_err(io_error("lock", &lock_path))? {
+        let Some(lock) = open_locked(&lock_path)? else {
             return Err(StateDirError::RunnerLocked {
                 key: key.to_owned(),
                 path: lock_path,
             });
-        }
+        };
         // Created after the lock, so a pid file always has its lock file; an
         // old pid from an earlier runner with this key is cleared.
         let pid_path = self.runner_file(key, PID_SUFFIX);
@@ -430,6 +416,20 @@ fn validate_key(key: &str) -> Result<(), StateDirError> {
 
 /// Takes an exclusive flock without blocking; `Ok(false)` when another open
 /// file description holds it.
+/// Opens (creating) a lock file and takes its exclusive flock; `None` when
+/// someone else holds it.
+fn open_locked(path: &Path) -> Result<Option<File>, StateDirError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error("open", path))?;
+    let locked = try_lock(&file).map_err(io_error("lock", path))?;
+    Ok(locked.then_some(file))
+}
+
 fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock only operates on the descriptor, which `file` keeps open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {

@@ -13,17 +13,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// The SmolLM2 GGUF, or `None` with a printed reason.
 pub fn smollm2() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        println!(
-            "skipped: {} is missing (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
+    engine::testing::smollm2_gguf()
 }
 
 fn tiny_model(tag: &str) -> PathBuf {

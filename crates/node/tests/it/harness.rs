@@ -21,11 +21,6 @@ pub async fn watchdog<T>(
     }
 }
 
-/// Whether `fut` finished within `limit`.
-pub async fn watchdog_ok(limit: Duration, fut: impl std::future::Future<Output = ()>) -> bool {
-    tokio::time::timeout(limit, fut).await.is_ok()
-}
-
 pub fn fresh_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(

@@ -21,32 +21,47 @@ async fn cycles(node: &TestNode, n: usize) {
     }
 }
 
+/// The node's open fd count once it is steady. The server closes an HTTP
+/// connection a moment after its client dropped it, so a single reading can
+/// include the last one: wait for the same count 10 times in a row, 20 ms
+/// apart (bounded by 5 s).
+async fn settled_fds(pid: u32) -> usize {
+    let mut last = open_fds(pid);
+    let mut same = 0;
+    let started = std::time::Instant::now();
+    while same < 10 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = open_fds(pid);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+fn fd_listing(pid: u32) -> String {
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("{:?}", std::fs::read_link(e.path())))
+                .collect()
+        })
+        .unwrap_or_default();
+    links.join(" ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_cycles_leave_nothing_behind() {
     let node = TestNode::start("stress");
     // Warm up lazily created resources (runtime threads, spawner) first.
     cycles(&node, 3).await;
-    let fds_before = open_fds(node.pid());
+    let fds_before = settled_fds(node.pid()).await;
     cycles(&node, 200).await;
-    // The server closes the last HTTP connection a moment after the client
-    // dropped it: give the count a bounded time to settle back.
-    let settled = crate::harness::watchdog_ok(Duration::from_secs(5), async {
-        while open_fds(node.pid()) != fds_before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let listing = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))
-        .map(|d| {
-            d.flatten()
-                .map(|e| format!("{:?}", std::fs::read_link(e.path())))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    assert!(
-        settled,
-        "node fd count went from {fds_before} to {} over 200 cycles: {listing:?}",
-        open_fds(node.pid())
+    let fds_after = settled_fds(node.pid()).await;
+    assert_eq!(
+        fds_before,
+        fds_after,
+        "node fd count changed over 200 cycles: {}",
+        fd_listing(node.pid())
     );
     node.assert_quiet();
 }
@@ -61,18 +76,14 @@ async fn soak() {
         .unwrap_or(5000);
     let node = TestNode::start("soak");
     cycles(&node, 3).await;
-    let fds_before = open_fds(node.pid());
+    let fds_before = settled_fds(node.pid()).await;
     cycles(&node, n).await;
-    let settled = crate::harness::watchdog_ok(Duration::from_secs(5), async {
-        while open_fds(node.pid()) != fds_before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(
-        settled,
-        "node fd count went from {fds_before} to {}",
-        open_fds(node.pid())
+    let fds_after = settled_fds(node.pid()).await;
+    assert_eq!(
+        fds_before,
+        fds_after,
+        "node fd count changed: {}",
+        fd_listing(node.pid())
     );
     node.assert_quiet();
 }

@@ -26,7 +26,9 @@
 //! * `WeightFormat::Quantized` keeps GGUF blocks as `QMatMul`; where a
 //!   tensor-parallel column slice does not fall on block boundaries, or
 //!   candle's kernel cannot take the row length (`qmatmul_supports`), that
-//!   one matrix is dequantized (exact, just larger). Float GGUF tensors
+//!   one matrix is dequantized (exact, just larger). `WeightFormat::Q8_0`
+//!   requantizes every matrix whose rows are whole 32-element blocks (Q8_0
+//!   blocks from the file are kept as they are). Float GGUF tensors
 //!   (F32/F16/BF16) are always held as f32. The embedding lookup table stays
 //!   in the file's compact dtype on every path.
 
@@ -38,7 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul};
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -46,12 +48,20 @@ use crate::error::{EngineError, Result};
 use crate::model::{Embedding, Layer, Linear, Shard, ShardParts, ShardSpec};
 
 /// How weight matrices are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WeightFormat {
     /// Every matrix dequantized / converted to f32.
+    #[serde(rename = "f32")]
     F32,
-    /// GGUF blocks kept as candle `QMatMul` (GGUF only).
+    /// GGUF blocks kept as stored, as candle `QMatMul` (GGUF only; float
+    /// files load as f32).
+    #[serde(rename = "gguf")]
     Quantized,
+    /// Every matrix (re)quantized to Q8_0 blocks, which candle multiplies
+    /// with AVX2/NEON kernels; from any source format. Q8_0 holds a Q4_x
+    /// or Q5_x block's 16 or 32 levels to within 1/254 of the block's range.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// Reads the model's config: `config.json` of a Hugging Face directory, or
@@ -243,6 +253,10 @@ impl RawTensor<'_> {
         Ok((buf, first_block * bs..end_block * bs))
     }
 
+    fn is_ggml(&self, dtype: GgmlDType) -> bool {
+        self.encoding == Encoding::Ggml(dtype)
+    }
+
     /// Rows `rows`, columns `cols` as a weight matrix. `rope_head_dim` marks
     /// GGUF q/k rows to put back into HF order (heads of that size).
     fn matrix(
@@ -268,7 +282,19 @@ impl RawTensor<'_> {
                 let t = Tensor::from_raw_buffer(bytes.as_slice(), dtype, &dims, &Device::Cpu)
                     .and_then(|t| t.to_dtype(DType::F32))
                     .map_err(|e| self.err(e.to_string()))?;
-                Ok(Linear::Dense(t))
+                drop(bytes);
+                self.finish_dense(t, format)
+            }
+            Encoding::Ggml(GgmlDType::Q8_0) if format == WeightFormat::Q8_0 && aligned => {
+                let q = ggml_file::qtensor_from_ggml(
+                    GgmlDType::Q8_0,
+                    bytes.as_slice(),
+                    dims.to_vec(),
+                    &Device::Cpu,
+                )
+                .and_then(QMatMul::from_qtensor)
+                .map_err(|e| self.err(e.to_string()))?;
+                Ok(Linear::Quantized(q))
             }
             Encoding::Ggml(ggml) => {
                 let q = ggml_file::qtensor_from_ggml(
@@ -297,9 +323,22 @@ impl RawTensor<'_> {
                     .and_then(|t| t.narrow(1, cols.start - covered.start, cols.len()))
                     .and_then(|t| t.contiguous())
                     .map_err(|e| self.err(e.to_string()))?;
-                Ok(Linear::Dense(t))
+                self.finish_dense(t, format)
             }
         }
+    }
+
+    /// An f32 matrix in the requested format: as is, or requantized to
+    /// Q8_0 when its rows are whole blocks (otherwise it stays f32).
+    fn finish_dense(&self, t: Tensor, format: WeightFormat) -> Result<Linear> {
+        let row_len = t.dims().last().copied().unwrap_or(0);
+        if format != WeightFormat::Q8_0 || !row_len.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+            return Ok(Linear::Dense(t));
+        }
+        QTensor::quantize(&t, GgmlDType::Q8_0)
+            .and_then(QMatMul::from_qtensor)
+            .map(Linear::Quantized)
+            .map_err(|e| self.err(e.to_string()))
     }
 
     /// A 1-D tensor (norm weights) as f32.
@@ -464,7 +503,13 @@ fn load_parts(
             TensorKind::LmHead
         };
         let vocab = cfg.vocab_size;
-        if tied && format == WeightFormat::Quantized {
+        let share_blocks = tied
+            && match format {
+                WeightFormat::F32 => false,
+                WeightFormat::Quantized => true,
+                WeightFormat::Q8_0 => src.raw(&embed_name)?.is_ggml(GgmlDType::Q8_0),
+            };
+        if share_blocks {
             // One copy of the blocks serves both the lookup and lm_head.
             let raw = src.raw(&embed_name)?;
             raw.expect_dims(&[vocab, h])?;

@@ -737,6 +737,24 @@ fn q8_0_gguf_quantized_path_tracks_f32() {
         quant_diff <= TOLERANCE,
         "quantized Q8_0 is off by {quant_diff}"
     );
+    // The f32 safetensors requantized to Q8_0 at load: the same rounding.
+    let requant = decode(
+        &model.hf,
+        WeightFormat::Q8_0,
+        &Setup::Single,
+        &PROMPT,
+        DECODE_STEPS,
+    );
+    let requant_diff = max_abs_diff(&requant.logits, &f32_ref.logits);
+    println!("HF f32 requantized to Q8_0 vs f32 {requant_diff:.4}");
+    assert_eq!(
+        requant.tokens, f32_ref.tokens,
+        "requantized decodes differently"
+    );
+    assert!(
+        requant_diff <= TOLERANCE,
+        "requantized Q8_0 is off by {requant_diff}"
+    );
 }
 
 #[test]
@@ -749,20 +767,33 @@ fn quantized_shardings_agree_with_quantized_single() {
         &PROMPT,
         16,
     );
+    let requant_single = decode(&model.hf, WeightFormat::Q8_0, &Setup::Single, &PROMPT, 16);
     for setup in [Setup::Pipeline(2), Setup::Tensor(2)] {
         let other = decode(&model.gguf_q8, WeightFormat::Quantized, &setup, &PROMPT, 16);
+        let requant = decode(&model.hf, WeightFormat::Q8_0, &setup, &PROMPT, 16);
         assert_eq!(other.tokens, single.tokens, "{setup:?}");
+        assert_eq!(
+            requant.tokens, requant_single.tokens,
+            "{setup:?} requantized"
+        );
         let diff = max_abs_diff(&other.logits, &single.logits);
-        println!("quantized {setup:?}: max |logit diff| = {diff:e}");
+        let requant_diff = max_abs_diff(&requant.logits, &requant_single.logits);
+        println!(
+            "quantized {setup:?}: max |logit diff| = {diff:e}, requantized at load {requant_diff:e}"
+        );
         // Column slices fall on block boundaries, so each rank quantizes the
         // same activation blocks as the single process: only the order of
         // the final sums differs.
         assert!(diff <= 1e-4, "{setup:?}: {diff}");
+        assert!(
+            requant_diff <= 1e-4,
+            "{setup:?} requantized: {requant_diff}"
+        );
     }
 }
 
 #[test]
-fn every_supported_gguf_dtype_loads_in_both_formats() {
+fn every_supported_gguf_dtype_loads_in_every_format() {
     // The peaked model, so that greedy picks are no near-ties and tokens can
     // be compared across formats despite 4-bit rounding.
     let weights = peaked_weights(11);
@@ -787,13 +818,18 @@ fn every_supported_gguf_dtype_loads_in_both_formats() {
             &PROMPT,
             8,
         );
+        let requant = decode(&path, WeightFormat::Q8_0, &Setup::Single, &PROMPT, 8);
+        let requant_tp = decode(&path, WeightFormat::Q8_0, &Setup::Tensor(2), &PROMPT, 8);
         let range = f32_ref.logits[0].iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d_requant = max_abs_diff(&requant.logits, &dequant.logits);
+        let d_requant_tp = max_abs_diff(&requant_tp.logits, &requant.logits);
         let d_dequant = max_abs_diff(&dequant.logits, &f32_ref.logits);
         let d_quant = max_abs_diff(&quant.logits, &dequant.logits);
         let d_tp = max_abs_diff(&quant_tp.logits, &quant.logits);
         println!(
             "{dtype:?}: dequantized vs f32 {d_dequant:.4}, quantized vs dequantized {d_quant:.4}, \
-             quantized tp2 vs single {d_tp:.4} (max |logit| {range:.1})"
+             quantized tp2 vs single {d_tp:.4}, requantized to Q8_0 vs dequantized \
+             {d_requant:.4} (tp2 vs single {d_requant_tp:.4}) (max |logit| {range:.1})"
         );
         // Weight rounding against the f32 original: none for F32, tiny for
         // F16, about one percent of the logit range for 8 bits, and for 4
@@ -816,6 +852,15 @@ fn every_supported_gguf_dtype_loads_in_both_formats() {
         assert!(d_tp <= 0.05 * range, "{dtype:?}: {d_tp}");
         assert_eq!(quant.tokens, dequant.tokens, "{dtype:?} quantized");
         assert_eq!(quant_tp.tokens, quant.tokens, "{dtype:?} quantized tp2");
+        // Requantizing to Q8_0 rounds each block to 255 levels (plus the
+        // 8-bit activation rounding): within the same bound.
+        assert!(d_requant <= 0.05 * range, "{dtype:?}: {d_requant}");
+        assert!(d_requant_tp <= 0.05 * range, "{dtype:?}: {d_requant_tp}");
+        assert_eq!(requant.tokens, dequant.tokens, "{dtype:?} requantized");
+        assert_eq!(
+            requant_tp.tokens, requant.tokens,
+            "{dtype:?} requantized tp2"
+        );
     }
 }
 

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use engine::loader::WeightFormat;
 use ipc::ShutdownMode;
-use supervisor::instance::{InstanceState, TaskEvent, TaskSubmit};
+use supervisor::instance::{InstanceHandle, InstanceState, TaskEvent, TaskSubmit};
 use supervisor::restart::RestartConfig;
 
 use crate::node::{CreateInstance, Node};
@@ -34,7 +35,7 @@ fn fast_instance(runners: u32) -> CreateInstance {
         }),
         sharding: None,
         layers: None,
-        quantized: None,
+        weights: None,
         threads: None,
         fault: None,
     }
@@ -199,16 +200,112 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Prefill and decode speed and peak RSS per runner of a model, for single,
-/// pipeline-2 and tensor-3 instances, f32 and quantized.
-pub async fn model(node: &Arc<Node>, path: &str, runs: usize) -> anyhow::Result<()> {
-    let prompt = "Write a long story about a dragon who learns to cook.";
-    println!("| layout | weights | prefill tok/s (median) | decode tok/s (median) | peak RSS per runner MB |");
-    println!("|---|---|---|---|---|");
-    for quantized in [false, true] {
-        for (runners, sharding) in [(1u32, "pipeline"), (2, "pipeline"), (3, "tensor")] {
+/// What `bench model` measures.
+pub struct ModelBench {
+    /// A GGUF file or Hugging Face directory.
+    pub path: String,
+    pub runs: usize,
+    /// `single`, `pipeline-N` or `tensor-N`.
+    pub layouts: Vec<String>,
+    pub weights: Vec<WeightFormat>,
+    pub threads: Option<u32>,
+    pub json: bool,
+}
+
+fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> {
+    use runner::model::Sharding;
+    if layout == "single" {
+        return Ok((1, Sharding::Pipeline));
+    }
+    let parsed = layout.split_once('-').and_then(|(kind, n)| {
+        let n: u32 = n.parse().ok()?;
+        match kind {
+            "pipeline" => Some((n, Sharding::Pipeline)),
+            "tensor" => Some((n, Sharding::Tensor)),
+            _ => None,
+        }
+    });
+    parsed.with_context(|| {
+        format!("layout {layout:?}: use single, pipeline-N or tensor-N (e.g. pipeline-2)")
+    })
+}
+
+fn weights_name(weights: WeightFormat) -> &'static str {
+    match weights {
+        WeightFormat::F32 => "f32",
+        WeightFormat::Q8_0 => "q8_0",
+        WeightFormat::Quantized => "gguf",
+    }
+}
+
+/// One timed chat: (prompt tokens, prefill tok/s, decode tok/s).
+async fn timed_chat(handle: &InstanceHandle, run: usize) -> anyhow::Result<(u32, f64, f64)> {
+    let started = Instant::now();
+    let mut task = handle
+        .submit(TaskSubmit {
+            messages: vec![ipc::proto::ChatTurn {
+                role: "user".into(),
+                content: "Write a long story about a dragon who learns to cook.".into(),
+            }],
+            max_tokens: 64,
+            sampling: Default::default(),
+            stop: Vec::new(),
+            trace_id: format!("bench-{run}"),
+        })
+        .await?;
+    let mut first: Option<Instant> = None;
+    let mut last = started;
+    let (mut prompt_tokens, mut tokens) = (0u32, 0u32);
+    while let Some(event) = task.next().await {
+        match event {
+            TaskEvent::Token(_) => {
+                first.get_or_insert_with(Instant::now);
+                last = Instant::now();
+            }
+            TaskEvent::Done(ipc::proto::TaskOutcome::Completed {
+                prompt_tokens: p,
+                completion_tokens,
+                ..
+            }) => {
+                prompt_tokens = p;
+                tokens = completion_tokens;
+            }
+            TaskEvent::Done(other) => bail!("bench task ended {other:?}"),
+        }
+    }
+    let first = first.context("no token produced")?;
+    if tokens < 2 {
+        bail!("the model stopped after {tokens} token(s): nothing to time decode by");
+    }
+    Ok((
+        prompt_tokens,
+        prompt_tokens as f64 / (first - started).as_secs_f64(),
+        (tokens - 1) as f64 / (last - first).as_secs_f64(),
+    ))
+}
+
+/// Prefill and decode speed and peak RSS per runner of a model, for each
+/// weight format and layout asked for. Per format, every layout's instance
+/// is started first and the runs then go round-robin over them, so that
+/// load from elsewhere on the machine falls on all layouts alike.
+pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()> {
+    let layouts = options
+        .layouts
+        .iter()
+        .map(|l| parse_layout(l).map(|parsed| (l.as_str(), parsed)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !options.json {
+        println!(
+            "| layout | weights | prefill tok/s | decode tok/s | decode vs {} | peak RSS per runner MB |",
+            layouts.first().map_or("first", |l| l.0)
+        );
+        println!("|---|---|---|---|---|---|");
+    }
+    for &weights in &options.weights {
+        let mut handles = Vec::new();
+        for &(_, (runners, sharding)) in &layouts {
             let request = CreateInstance {
-                model: path.to_string(),
+                model: options.path.clone(),
                 runners,
                 scripted: None,
                 timeouts: None,
@@ -216,81 +313,61 @@ pub async fn model(node: &Arc<Node>, path: &str, runs: usize) -> anyhow::Result<
                     max_restarts: 0,
                     ..Default::default()
                 }),
-                sharding: Some(if sharding == "tensor" {
-                    runner::model::Sharding::Tensor
-                } else {
-                    runner::model::Sharding::Pipeline
-                }),
+                sharding: Some(sharding),
                 layers: None,
-                quantized: Some(quantized),
-                threads: None,
+                weights: Some(weights),
+                threads: options.threads,
                 fault: None,
             };
             let handle = node.create_instance(request)?;
             if let Err(cause) = handle.wait_ready().await {
                 bail!("instance failed: {cause}");
             }
-            let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-            for run in 0..runs {
-                let started = Instant::now();
-                let mut task = handle
-                    .submit(TaskSubmit {
-                        messages: vec![ipc::proto::ChatTurn {
-                            role: "user".into(),
-                            content: prompt.into(),
-                        }],
-                        max_tokens: 64,
-                        sampling: Default::default(),
-                        stop: Vec::new(),
-                        trace_id: format!("bench-{run}"),
-                    })
-                    .await?;
-                let mut first: Option<Instant> = None;
-                let mut last = started;
-                let mut tokens = 0u32;
-                let mut prompt_tokens = 0u32;
-                while let Some(event) = task.next().await {
-                    match event {
-                        TaskEvent::Token(_) => {
-                            first.get_or_insert_with(Instant::now);
-                            last = Instant::now();
-                        }
-                        TaskEvent::Done(ipc::proto::TaskOutcome::Completed {
-                            prompt_tokens: p,
-                            completion_tokens,
-                            ..
-                        }) => {
-                            prompt_tokens = p;
-                            tokens = completion_tokens;
-                        }
-                        TaskEvent::Done(other) => bail!("bench task ended {other:?}"),
-                    }
-                }
-                let first = first.context("no token produced")?;
-                prefill.push(prompt_tokens as f64 / (first - started).as_secs_f64());
-                if tokens > 1 {
-                    decode.push((tokens - 1) as f64 / (last - first).as_secs_f64());
-                }
+            handles.push(handle);
+        }
+        let mut samples: Vec<Vec<(u32, f64, f64)>> = vec![Vec::new(); handles.len()];
+        for run in 0..options.runs {
+            for (handle, samples) in handles.iter().zip(&mut samples) {
+                samples.push(timed_chat(handle, run).await?);
             }
-            let rss: Vec<String> = handle
+        }
+        let mut first_decode = None;
+        for ((&(layout, _), handle), samples) in layouts.iter().zip(&handles).zip(samples) {
+            let prompt_tokens = samples.first().map_or(0, |s| s.0);
+            let prefill = stats(samples.iter().map(|s| s.1).collect()).median;
+            let decode = stats(samples.iter().map(|s| s.2).collect()).median;
+            let ratio = decode / *first_decode.get_or_insert(decode);
+            let rss: Vec<f64> = handle
                 .view()
                 .runners
                 .iter()
                 .filter_map(|r| r.pid)
-                .map(|pid| format!("{:.0}", peak_rss_mb(pid)))
+                .map(peak_rss_mb)
                 .collect();
-            let layout = if runners == 1 {
-                "single".to_string()
+            let weights = weights_name(weights);
+            if options.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "layout": layout,
+                        "weights": weights,
+                        "threads": options.threads,
+                        "prompt_tokens": prompt_tokens,
+                        "prefill_tok_s": prefill,
+                        "decode_tok_s": decode,
+                        "peak_rss_mb": rss,
+                    })
+                );
             } else {
-                format!("{sharding}-{runners}")
-            };
-            let weights = if quantized { "Q4_1 (quantized)" } else { "f32" };
-            println!(
-                "| {layout} | {weights} | {:.1} | {:.1} | {} |",
-                stats(prefill).median,
-                stats(decode).median,
-                rss.join(" / ")
-            );
+                let rss: Vec<String> = rss.iter().map(|mb| format!("{mb:.0}")).collect();
+                println!(
+                    "| {layout} | {weights} | {prefill:.1} | {decode:.1} | {:.0}% | {} |",
+                    ratio * 100.0,
+                    rss.join(" / ")
+                );
+            }
+        }
+        for handle in handles {
             node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
                 .await?;
         }

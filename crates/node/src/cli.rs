@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use engine::loader::WeightFormat;
 use ipc::proto::{ChatTurn, Sampling, TaskOutcome};
 use ipc::ShutdownMode;
 use supervisor::instance::{TaskEvent, TaskSubmit};
@@ -73,9 +74,10 @@ pub struct RunArgs {
     /// Model files: `pipeline` (layers split across runners) or `tensor`.
     #[arg(long, default_value = "pipeline")]
     pub sharding: String,
-    /// GGUF: keep the weights quantized instead of dequantizing to f32.
-    #[arg(long)]
-    pub quantized: bool,
+    /// How weight matrices are held: `f32`, `gguf` (GGUF blocks as stored)
+    /// or `q8_0` (default: q8_0, the fastest; f32 is exact).
+    #[arg(long, value_parser = parse_weights)]
+    pub weights: Option<WeightFormat>,
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
     /// Delay per scripted token.
@@ -106,6 +108,22 @@ pub enum BenchWhat {
         model: String,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Layouts to measure, comma-separated: single, pipeline-N, tensor-N.
+        #[arg(
+            long,
+            default_value = "single,pipeline-2,tensor-3",
+            value_delimiter = ','
+        )]
+        layouts: Vec<String>,
+        /// Weight formats to measure, comma-separated.
+        #[arg(long, default_value = "f32,q8_0,gguf", value_delimiter = ',', value_parser = parse_weights)]
+        weights: Vec<WeightFormat>,
+        /// Compute threads per runner (default: the node's default).
+        #[arg(long)]
+        threads: Option<u32>,
+        /// One JSON object per row instead of a markdown table.
+        #[arg(long)]
+        json: bool,
     },
     /// create → chat → delete cycles (a soak).
     Cycles {
@@ -237,7 +255,24 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let result = match args.what {
         BenchWhat::Lifecycle { iterations } => crate::bench::lifecycle(&node, iterations).await,
         BenchWhat::Cycles { n } => crate::bench::cycles(&node, n).await,
-        BenchWhat::Model { model, runs } => crate::bench::model(&node, &model, runs).await,
+        BenchWhat::Model {
+            model,
+            runs,
+            layouts,
+            weights,
+            threads,
+            json,
+        } => {
+            let options = crate::bench::ModelBench {
+                path: model,
+                runs,
+                layouts,
+                weights,
+                threads,
+                json,
+            };
+            crate::bench::model(&node, &options).await
+        }
     };
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
@@ -287,7 +322,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         }),
         sharding,
         layers: None,
-        quantized: (!is_scripted).then_some(args.quantized),
+        weights: if is_scripted { None } else { args.weights },
         threads: None,
         fault: None,
     };
@@ -482,4 +517,9 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
         println!("\n{channels} channels open in the node process");
     }
     Ok(())
+}
+
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not a weight format: use f32, gguf or q8_0"))
 }

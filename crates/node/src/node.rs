@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use engine::loader::WeightFormat;
 use engine::model::ShardSpec;
 use ipc::ShutdownMode;
 use runner::model::{ModelEngineArgs, Sharding};
@@ -27,6 +28,10 @@ use supervisor::statedir::{StateDir, SweepReport};
 
 /// Most runners one instance may have on one node.
 pub const MAX_RUNNERS: u32 = 64;
+
+/// How model weights are held when a request names no format (chosen by
+/// `shardvisor bench model`; see BENCHMARKS.md).
+pub const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Q8_0;
 /// Deleted instances whose last view stays readable (`GET /instance/{id}`).
 const KEEP_DELETED: usize = 64;
 
@@ -49,9 +54,10 @@ pub struct CreateInstance {
     /// Pipeline: each stage's `[start, end)` layer range.
     #[serde(default)]
     pub layers: Option<Vec<[usize; 2]>>,
-    /// GGUF: keep the weights quantized rather than dequantizing to f32.
+    /// How weight matrices are held: `f32`, `gguf` (GGUF blocks as stored)
+    /// or `q8_0` (default: `DEFAULT_WEIGHTS`).
     #[serde(default)]
-    pub quantized: Option<bool>,
+    pub weights: Option<WeightFormat>,
     /// Compute threads per runner (default: cores / runners).
     #[serde(default)]
     pub threads: Option<u32>,
@@ -77,6 +83,16 @@ fn default_threads(runners: u32, sharding: Sharding) -> u32 {
         Sharding::Pipeline => cores,
     }
 }
+
+/// candle's CPU worker pool spins this many times waiting for the next
+/// operation before it parks. candle's default (25 000, about a millisecond)
+/// keeps an idle pipeline stage's workers busy while the next stage computes
+/// on the same cores: pipeline-2 then decodes at ~70% of a single process.
+/// 2 000 still bridges the gaps between one forward pass's operations
+/// (BENCHMARKS.md: single and pipeline-2 with 25 000, 4 000, 1 000, 100).
+/// An operator's own `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins.
+const SPIN_LIMIT: u32 = 2000;
+const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 
 fn scripted_config(
     scripted: Option<ScriptedConfig>,
@@ -171,7 +187,7 @@ fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
         path,
         sharding,
         layers,
-        quantized: req.quantized.unwrap_or(false),
+        weights: req.weights.unwrap_or(DEFAULT_WEIGHTS),
         fault: req.fault.clone(),
     })
 }
@@ -261,10 +277,9 @@ impl Node {
         }
         let mut runner_env = self.runner_env.clone();
         let (engine, tasks_to_all_ranks) = if req.model == "scripted" {
-            if req.sharding.is_some() || req.layers.is_some() || req.quantized.is_some() {
+            if req.sharding.is_some() || req.layers.is_some() || req.weights.is_some() {
                 return Err(NodeError::BadRequest(
-                    "sharding, layers and quantized apply to model files, not to \"scripted\""
-                        .into(),
+                    "sharding, layers and weights apply to model files, not to \"scripted\"".into(),
                 ));
             }
             (
@@ -282,6 +297,9 @@ impl Node {
                 .threads
                 .unwrap_or_else(|| default_threads(req.runners, sharding));
             runner_env.push(("RAYON_NUM_THREADS".into(), threads.to_string()));
+            if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
+                runner_env.push((SPIN_LIMIT_VAR.into(), SPIN_LIMIT.to_string()));
+            }
             (EngineConfig::Model(model_config(&req)?), false)
         };
         let engine_config = serde_json::to_string(&engine)

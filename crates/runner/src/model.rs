@@ -58,9 +58,9 @@ pub struct ModelEngineArgs {
     /// Pipeline: each rank's layer range `[start, end)`, by rank.
     #[serde(default)]
     pub layers: Vec<(usize, usize)>,
-    /// Keep GGUF weights quantized (`true`) or dequantize to f32.
-    #[serde(default)]
-    pub quantized: bool,
+    /// How weight matrices are held: `f32`, `gguf` (blocks as stored) or
+    /// `q8_0`.
+    pub weights: WeightFormat,
     /// A scripted fault, for lifecycle tests on a real model.
     #[serde(default)]
     pub fault: Option<crate::fault::FaultSpec>,
@@ -459,12 +459,7 @@ impl Engine for ModelEngine {
         let config = engine::loader::read_config(&self.args.path)?;
         let spec = self.spec(config.n_layers)?;
         spec.validate(&config)?;
-        let format = if self.args.quantized {
-            WeightFormat::Quantized
-        } else {
-            WeightFormat::F32
-        };
-        let shard = load_shard(&self.args.path, &spec, format, progress)?;
+        let shard = load_shard(&self.args.path, &spec, self.args.weights, progress)?;
         self.shard = Some(Arc::new(shard));
         if self.rank == 0 {
             self.load_text_side()?;

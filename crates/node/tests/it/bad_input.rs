@@ -82,6 +82,20 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         (
             "POST",
             "/instance",
+            r#"{"model": "/m.gguf", "weights": "q4"}"#,
+            400,
+            "unknown variant `q4`, expected one of `f32`, `gguf`, `q8_0`",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "weights": "f32"}"#,
+            400,
+            "sharding, layers and weights apply to model files",
+        ),
+        (
+            "POST",
+            "/instance",
             r#"{"model": "scripted", "runners": 2, "scripted": {"fault": {"runner": 1, "phase": "spawning", "kind": "kill"}}}"#,
             400,
             "spawning cannot be injected",

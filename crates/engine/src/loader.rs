@@ -64,6 +64,23 @@ pub enum WeightFormat {
     Q8_0,
 }
 
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 3] = [
+        WeightFormat::F32,
+        WeightFormat::Q8_0,
+        WeightFormat::Quantized,
+    ];
+
+    /// The name used in requests and on the command line (its serde tag).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Quantized => "gguf",
+            WeightFormat::Q8_0 => "q8_0",
+        }
+    }
+}
+
 /// Reads the model's config: `config.json` of a Hugging Face directory, or
 /// the metadata of a GGUF file.
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
@@ -928,6 +945,14 @@ impl WeightSource for HfSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_format_names_are_their_serde_tags() {
+        for format in WeightFormat::ALL {
+            let tag = serde_json::to_string(&format).unwrap();
+            assert_eq!(tag, format!("\"{}\"", format.name()));
+        }
+    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() {

@@ -230,14 +230,6 @@ fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> 
     })
 }
 
-fn weights_name(weights: WeightFormat) -> &'static str {
-    match weights {
-        WeightFormat::F32 => "f32",
-        WeightFormat::Q8_0 => "q8_0",
-        WeightFormat::Quantized => "gguf",
-    }
-}
-
 /// One timed chat: (prompt tokens, prefill tok/s, decode tok/s).
 async fn timed_chat(handle: &InstanceHandle, run: usize) -> anyhow::Result<(u32, f64, f64)> {
     let started = Instant::now();
@@ -344,7 +336,7 @@ pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()>
                 .filter_map(|r| r.pid)
                 .map(peak_rss_mb)
                 .collect();
-            let weights = weights_name(weights);
+            let weights = weights.name();
             if options.json {
                 println!(
                     "{}",

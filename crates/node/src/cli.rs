@@ -520,6 +520,8 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
 }
 
 fn parse_weights(s: &str) -> Result<WeightFormat, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("{s:?} is not a weight format: use f32, gguf or q8_0"))
+    WeightFormat::ALL
+        .into_iter()
+        .find(|w| w.name() == s)
+        .ok_or_else(|| format!("{s:?} is not a weight format: use f32, gguf or q8_0"))
 }

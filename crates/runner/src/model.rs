@@ -114,6 +114,14 @@ pub struct ModelTask {
     finish: Option<String>,
 }
 
+/// The logits of a shard that ends the model; `who` names it in the error.
+fn logits_of(output: StageOutput, who: &str) -> Result<Tensor, EngineError> {
+    match output {
+        StageOutput::Logits(logits) => Ok(logits),
+        StageOutput::Hidden(_) => Err(compute(format!("{who} must produce logits"))),
+    }
+}
+
 fn compute(e: impl std::fmt::Display) -> EngineError {
     EngineError::Compute(e.to_string())
 }
@@ -285,17 +293,15 @@ impl ModelEngine {
         let pos = task.pos;
         let handle = self.handle.clone();
         let token = match self.topology.as_mut() {
-            Some(Topology::Alone) | None => match shard.forward(
-                StageInput::Tokens(tokens),
-                pos,
-                &mut task.cache,
-                &mut NoAllReduce,
-            )? {
-                StageOutput::Logits(logits) => task.sampler.sample(&logits)?,
-                StageOutput::Hidden(_) => {
-                    return Err(compute("a single shard must produce logits"))
-                }
-            },
+            Some(Topology::Alone) | None => {
+                let output = shard.forward(
+                    StageInput::Tokens(tokens),
+                    pos,
+                    &mut task.cache,
+                    &mut NoAllReduce,
+                )?;
+                task.sampler.sample(&logits_of(output, "a single shard")?)?
+            }
             Some(Topology::Ring { prev, next }) => {
                 let hidden = match shard.forward(
                     StageInput::Tokens(tokens),
@@ -339,17 +345,13 @@ impl ModelEngine {
                     handle: &handle,
                     links,
                 };
-                match shard.forward(
+                let output = shard.forward(
                     StageInput::Tokens(tokens),
                     pos,
                     &mut task.cache,
                     &mut reduce,
-                )? {
-                    StageOutput::Logits(logits) => task.sampler.sample(&logits)?,
-                    StageOutput::Hidden(_) => {
-                        return Err(compute("a tensor shard must produce logits"))
-                    }
-                }
+                )?;
+                task.sampler.sample(&logits_of(output, "a tensor shard")?)?
             }
         };
         task.pos += n;

@@ -247,6 +247,25 @@ impl ChatResult {
     }
 }
 
+/// The task id behind a chunk's `chatcmpl-…` id.
+fn task_id_of(chunk: &Value) -> Option<String> {
+    chunk["id"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("chatcmpl-"))
+        .map(String::from)
+}
+
+/// Reads a streamed chat's first chunk and returns its task id.
+pub async fn first_chunk_task_id(stream: &mut node::client::LineStream) -> String {
+    let data = stream
+        .next_data()
+        .await
+        .expect("sse")
+        .expect("a first chunk");
+    let chunk: Value = serde_json::from_str(&data).expect("sse json");
+    task_id_of(&chunk).unwrap_or_else(|| panic!("first chunk has no chatcmpl- id: {chunk}"))
+}
+
 pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
     let mut result = ChatResult {
         status: stream.status,
@@ -271,10 +290,7 @@ pub async fn read_chat(mut stream: node::client::LineStream) -> ChatResult {
             continue;
         }
         if result.task_id.is_none() {
-            result.task_id = v["id"]
-                .as_str()
-                .and_then(|s| s.strip_prefix("chatcmpl-"))
-                .map(String::from);
+            result.task_id = task_id_of(&v);
         }
         let choice = &v["choices"][0];
         if let Some(t) = choice["delta"]["content"].as_str() {

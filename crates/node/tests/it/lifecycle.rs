@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{read_chat, runner_pids, state_name, watchdog, TestNode};
+use crate::harness::{first_chunk_task_id, read_chat, runner_pids, state_name, watchdog, TestNode};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -168,14 +168,7 @@ async fn cancel_endpoint_and_client_disconnect_cancel_the_task() {
     node.wait_state(&id, &["ready"], LONG).await;
     // Explicit cancel.
     let mut stream = node.chat(&id, "a b c", 1000, true).await;
-    let first: serde_json::Value =
-        serde_json::from_str(&stream.next_data().await.unwrap().unwrap()).unwrap();
-    let task_id = first["id"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("chatcmpl-")
-        .unwrap()
-        .to_string();
+    let task_id = first_chunk_task_id(&mut stream).await;
     let (status, v) = node
         .call("POST", &format!("/v1/cancel/{task_id}"), None)
         .await;

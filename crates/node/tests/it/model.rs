@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{fresh_dir, read_chat, runner_pids, watchdog, TestNode};
+use crate::harness::{first_chunk_task_id, fresh_dir, read_chat, runner_pids, watchdog, TestNode};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -171,13 +171,7 @@ async fn cancel_mid_generation(sharding: &str, runners: u32) {
     .await;
     // A long generation, cancelled after its first chunks; another task runs beside it.
     let mut long = node.chat(&id, "go on and on", 900, true).await;
-    let first: Value = serde_json::from_str(&long.next_data().await.unwrap().unwrap()).unwrap();
-    let task_id = first["id"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("chatcmpl-")
-        .unwrap()
-        .to_string();
+    let task_id = first_chunk_task_id(&mut long).await;
     let other = tokio::spawn({
         let base = node.base.clone();
         let id = id.clone();

@@ -45,13 +45,18 @@ const EVENT_CAPACITY: usize = 256;
 /// helper thread, so it never blocks or panics in an async context), but without waiting.
 pub struct Cluster {
     inner: Arc<Inner>,
-    token: Option<LivelinessToken>,
-    queryable: Option<Queryable<()>>,
-    token_sub: Option<Subscriber<()>>,
-    info_sub: Option<Subscriber<()>>,
+    /// The declared zenoh entities; taken by [`Cluster::leave`].
+    entities: Mutex<Option<Entities>>,
     members: watch::Receiver<Membership>,
     events: broadcast::Sender<MemberEvent>,
     shutdown: watch::Sender<bool>,
+}
+
+struct Entities {
+    token: LivelinessToken,
+    queryable: Queryable<()>,
+    token_sub: Subscriber<()>,
+    info_sub: Subscriber<()>,
 }
 
 /// State shared with background tasks (which hold it only while they use the session).
@@ -245,10 +250,12 @@ impl Cluster {
 
         Ok(Cluster {
             inner,
-            token: Some(token),
-            queryable: Some(queryable),
-            token_sub: Some(token_sub),
-            info_sub: Some(info_sub),
+            entities: Mutex::new(Some(Entities {
+                token,
+                queryable,
+                token_sub,
+                info_sub,
+            })),
             members: members_rx,
             events: events_tx,
             shutdown: shutdown_tx,
@@ -292,6 +299,7 @@ impl Cluster {
             mem_total_bytes,
             mem_free_bytes,
             runners,
+            instances: Vec::new(),
         }
     }
 
@@ -446,22 +454,24 @@ impl Cluster {
     /// Leaves the cluster cleanly: withdraws the token (the other nodes see this node leave at
     /// once), the queryable and the subscribers, ends all streams, then closes the session
     /// (bounded by a timeout; failures are logged).
-    pub async fn leave(mut self) {
+    /// A second call does nothing.
+    pub async fn leave(&self) {
         let _ = self.shutdown.send(true);
-        if let Some(token) = self.token.take() {
-            if let Err(e) = token.undeclare().await {
-                debug!(error = %e, "undeclaring the liveliness token failed");
-            }
+        let Some(entities) = self
+            .entities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        if let Err(e) = entities.token.undeclare().await {
+            debug!(error = %e, "undeclaring the liveliness token failed");
         }
-        if let Some(queryable) = self.queryable.take() {
-            if let Err(e) = queryable.undeclare().await {
-                debug!(error = %e, "undeclaring the command queryable failed");
-            }
+        if let Err(e) = entities.queryable.undeclare().await {
+            debug!(error = %e, "undeclaring the command queryable failed");
         }
-        for sub in [self.token_sub.take(), self.info_sub.take()]
-            .into_iter()
-            .flatten()
-        {
+        for sub in [entities.token_sub, entities.info_sub] {
             if let Err(e) = sub.undeclare().await {
                 debug!(error = %e, "undeclaring a subscriber failed");
             }

@@ -20,6 +20,19 @@ pub struct NodeInfo {
     pub mem_free_bytes: u64,
     /// Runners currently hosted.
     pub runners: u32,
+    /// The instances this node coordinates.
+    pub instances: Vec<InstanceBrief>,
+}
+
+/// One instance as its coordinating node announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceBrief {
+    pub instance_id: String,
+    pub model: String,
+    /// `starting`, `ready`, `failed`, ...
+    pub state: String,
+    /// The node of each rank.
+    pub nodes: Vec<String>,
 }
 
 /// Reads `(MemTotal, MemAvailable)` in bytes from `/proc/meminfo`; zeros when unavailable.

@@ -53,7 +53,7 @@ pub use command::{typed_handler, CommandHandler, HandlerFuture};
 pub use config::ClusterConfig;
 pub use error::{ClusterError, CommandError};
 pub use identity::NodeIdentity;
-pub use info::NodeInfo;
+pub use info::{InstanceBrief, NodeInfo};
 pub use membership::{Member, MemberEvent, Membership};
 pub use stream::{ClusterPublisher, DEFAULT_STREAM_CAPACITY};
 

@@ -303,6 +303,7 @@ mod tests {
             mem_total_bytes: 1,
             mem_free_bytes: 1,
             runners: 0,
+            instances: Vec::new(),
         };
         assert!(!s.on_info(info(2))); // before the token
         s.on_put("a", 1);

@@ -12,10 +12,10 @@
 //!   frame into the queue, so no accepted message can follow `End`.
 //! * EOF after `End` is a clean close, never `PeerLost`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The state of a channel as a whole, as shown in stats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelState {
     /// Both directions open.

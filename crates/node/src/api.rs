@@ -114,11 +114,42 @@ async fn create_instance(State(node): State<Arc<Node>>, body: Bytes) -> Result<R
         .into_response())
 }
 
+/// Forwards a request about an instance another node coordinates to that
+/// node's API, streaming its answer back as is.
+async fn proxy(
+    api: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<Response, ApiError> {
+    let url = format!("http://{api}{path}");
+    match crate::client::send(method, &url, body).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            Ok(Response::from_parts(parts, axum::body::Body::new(body)))
+        }
+        Err(e) => Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            ErrorBody::new(
+                "unavailable_error",
+                format!("the coordinating node at {api} did not answer: {e:#}"),
+            ),
+        )),
+    }
+}
+
 async fn get_instance(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(node.instance_view(&id)?).into_response())
+    match node.instance_view(&id) {
+        Ok(view) => Ok(Json(view).into_response()),
+        Err(NodeError::NotFound(e)) => match node.remote_api(&id) {
+            Some(api) => proxy(&api, "GET", &format!("/instance/{id}"), None).await,
+            None => Err(NodeError::NotFound(e).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +165,19 @@ async fn delete_instance(
     params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    if node.instance(&id).is_err() {
+        if let Some(api) = node.remote_api(&id) {
+            let mut query = Vec::new();
+            if let Some(mode) = &params.mode {
+                query.push(format!("mode={mode}"));
+            }
+            if let Some(t) = params.timeout_ms {
+                query.push(format!("timeout_ms={t}"));
+            }
+            let path = format!("/instance/{id}?{}", query.join("&"));
+            return proxy(&api, "DELETE", &path, None).await;
+        }
+    }
     let mode = match params.mode.as_deref() {
         None | Some("drain") => ShutdownMode::Drain,
         Some("cancel") => ShutdownMode::Cancel,
@@ -164,7 +208,13 @@ async fn cancel(
     Path(task_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let not_found = || NodeError::NotFound(format!("no task {task_id:?} in flight on this node"));
-    let handle = node.instance_of_task(&task_id).ok_or_else(not_found)?;
+    let Some(handle) = node.instance_of_task(&task_id) else {
+        let instance = task_id.rsplit_once("-t").map(|(i, _)| i).unwrap_or("");
+        return match node.remote_api(instance) {
+            Some(api) => proxy(&api, "POST", &format!("/v1/cancel/{task_id}"), None).await,
+            None => Err(not_found().into()),
+        };
+    };
     if !handle.cancel(&task_id).await {
         return Err(not_found().into());
     }
@@ -229,7 +279,19 @@ async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, Ap
             "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
         )));
     }
-    let handle = node.resolve(&req.model)?;
+    let handle = match node.resolve(&req.model) {
+        Ok(handle) => handle,
+        Err(NodeError::NotFound(e)) => {
+            return match node.remote_api(&req.model) {
+                Some(api) => {
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    proxy(&api, "POST", "/v1/chat/completions", Some(body)).await
+                }
+                None => Err(NodeError::NotFound(e).into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let sampling = sampling_of(&req)?;
     let stop = stop_strings(req.stop.as_ref())?;
     let messages = req

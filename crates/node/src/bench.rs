@@ -38,6 +38,8 @@ fn fast_instance(runners: u32) -> CreateInstance {
         weights: None,
         threads: None,
         fault: None,
+        nodes: None,
+        node_ids: None,
     }
 }
 
@@ -310,6 +312,8 @@ pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()>
                 weights: Some(weights),
                 threads: options.threads,
                 fault: None,
+                nodes: None,
+                node_ids: None,
             };
             let handle = node.create_instance(request)?;
             if let Err(cause) = handle.wait_ready().await {

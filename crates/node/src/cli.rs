@@ -59,6 +59,76 @@ pub struct ServeArgs {
     /// State directory (default $XDG_STATE_HOME/shardvisor or ~/.local/state/shardvisor).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Join a cluster, listening for other nodes on this endpoint
+    /// (`tcp/HOST:PORT`).
+    #[arg(long)]
+    pub cluster_listen: Option<String>,
+    /// A node already in the cluster (`tcp/HOST:PORT`); repeatable. One is
+    /// enough: the others are found through it.
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// Silence after which a node is declared lost. Must be the same on
+    /// every node of the cluster.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Also find nodes by multicast scouting on the local network.
+    #[arg(long)]
+    pub discover: bool,
+    /// The address other nodes reach this node's API and runners on
+    /// (default: the cluster-listen host, or the local address that routes
+    /// to the first peer).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+}
+
+impl ServeArgs {
+    fn mesh_config(&self) -> Option<crate::mesh::MeshConfig> {
+        if self.cluster_listen.is_none() && self.peers.is_empty() && !self.discover {
+            return None;
+        }
+        let advertise_host = match &self.advertise_host {
+            Some(host) => host.clone(),
+            None => advertise_host(self.cluster_listen.as_deref(), &self.peers),
+        };
+        Some(crate::mesh::MeshConfig {
+            cluster: cluster::ClusterConfig {
+                listen: self.cluster_listen.iter().cloned().collect(),
+                peers: self.peers.clone(),
+                discover: self.discover,
+                lease: std::time::Duration::from_millis(self.lease_ms),
+            },
+            advertise_host,
+        })
+    }
+}
+
+/// The host in a `tcp/HOST:PORT` endpoint.
+fn endpoint_host(endpoint: &str) -> Option<std::net::IpAddr> {
+    let addr = endpoint.strip_prefix("tcp/")?;
+    addr.parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
+/// The listen host when it is a specific address; otherwise the local
+/// address the kernel would use to reach the first peer; otherwise loopback.
+fn advertise_host(listen: Option<&str>, peers: &[String]) -> String {
+    if let Some(ip) = listen.and_then(endpoint_host) {
+        if !ip.is_unspecified() {
+            return ip.to_string();
+        }
+    }
+    let routed = peers.iter().find_map(|p| {
+        let ip = endpoint_host(p)?;
+        let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+        socket.connect((ip, 9)).ok()?;
+        socket.local_addr().ok().map(|a| a.ip())
+    });
+    match routed {
+        Some(ip) => ip.to_string(),
+        None => {
+            tracing::info!("advertising 127.0.0.1 to the cluster: pass --advertise-host for nodes on other machines");
+            "127.0.0.1".into()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -167,7 +237,7 @@ pub fn main(cli: Cli) -> anyhow::Result<i32> {
             }))
         }
         Command::Serve(args) => {
-            logging::init(cli.log_format, "info");
+            logging::init(cli.log_format, "info,zenoh=warn");
             runtime()?.block_on(serve(args))?;
             Ok(0)
         }
@@ -220,12 +290,28 @@ async fn terminate_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let state_dir = args.state_dir.unwrap_or_else(StateDir::default_path);
-    let node = Node::start(&state_dir, program()?)?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(StateDir::default_path);
+    let mesh = args.mesh_config();
+    let advertise = mesh.as_ref().map(|m| m.advertise_host.clone());
+    let node = match mesh {
+        Some(config) => Node::start_clustered(&state_dir, program()?, config).await?,
+        None => Node::start(&state_dir, program()?)?,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    if let Some(host) = advertise {
+        let api = if addr.ip().is_unspecified() {
+            format!("{host}:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        node.announce(api);
+    }
     tracing::info!(listen = %addr, state_dir = %state_dir.display(), "node serving");
     // The one line on stdout: scripts and tests learn the port from it.
     println!("listening on {addr}");
@@ -237,6 +323,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let reports = shutdown_node.shutdown_all(ShutdownMode::Drain).await;
         let unclean = reports.iter().filter(|r| !r.is_clean()).count();
         tracing::info!(instances = reports.len(), unclean, "instances shut down");
+        shutdown_node.leave_cluster().await;
         let _ = stopped_tx.send(());
     });
     let app = crate::api::router(node);
@@ -325,6 +412,8 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         weights: if is_scripted { None } else { args.weights },
         threads: None,
         fault: None,
+        nodes: None,
+        node_ids: None,
     };
     let handle = node.create_instance(request)?;
     let mut err = std::io::stderr();

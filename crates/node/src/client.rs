@@ -23,7 +23,8 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
     Ok((authority.to_string(), path.to_string()))
 }
 
-async fn send(
+/// Sends one request; the response body is left to the caller.
+pub async fn send(
     method: &str,
     url: &str,
     body: Option<String>,

@@ -7,5 +7,6 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod logging;
+pub mod mesh;
 pub mod node;
 pub mod openai;

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use engine::loader::WeightFormat;
@@ -25,6 +25,8 @@ use supervisor::process::Spawner;
 use supervisor::restart::RestartConfig;
 use supervisor::shutdown::ShutdownReport;
 use supervisor::statedir::{StateDir, SweepReport};
+
+use crate::mesh::{Mesh, MeshConfig, DATA_HOST_ENV};
 
 /// Most runners one instance may have on one node.
 pub const MAX_RUNNERS: u32 = 64;
@@ -64,6 +66,13 @@ pub struct CreateInstance {
     /// A scripted fault in a model instance (lifecycle tests).
     #[serde(default)]
     pub fault: Option<runner::fault::FaultSpec>,
+    /// Spread the runners over this many cluster nodes (this one first,
+    /// then the others by free memory).
+    #[serde(default)]
+    pub nodes: Option<u32>,
+    /// Spread the runners over exactly these nodes, in this order.
+    #[serde(default)]
+    pub node_ids: Option<Vec<String>>,
 }
 
 fn one() -> u32 {
@@ -192,6 +201,76 @@ fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
     })
 }
 
+/// `runners` ranks over `chosen` nodes in contiguous blocks (neighbouring
+/// pipeline stages share a node); `None` for this node (`me`).
+fn spread(chosen: &[String], runners: usize, me: &str) -> Vec<Option<String>> {
+    let (base, extra) = (runners / chosen.len(), runners % chosen.len());
+    let mut placement = Vec::with_capacity(runners);
+    for (i, node) in chosen.iter().enumerate() {
+        let at = (node != me).then(|| node.clone());
+        placement.extend(std::iter::repeat_n(at, base + usize::from(i < extra)));
+    }
+    placement
+}
+
+/// Free memory, then cores, of a member (most first when sorted descending).
+fn capacity(m: &cluster::Member) -> (u64, u32) {
+    m.info
+        .as_ref()
+        .map_or((0, 0), |i| (i.mem_free_bytes, i.cores))
+}
+
+/// Re-placement for restarts: the same number of nodes, keeping those still
+/// alive and replacing lost ones with other live nodes (most free memory
+/// first); fewer nodes when not enough remain.
+fn replacer(mesh: &Arc<Mesh>) -> supervisor::instance::Replace {
+    let mesh = Arc::downgrade(mesh);
+    Arc::new(move |last: &[Option<String>]| {
+        let mesh = mesh.upgrade().ok_or("the node is stopping")?;
+        let me = mesh.id().to_string();
+        let members = mesh.cluster().members().borrow().clone();
+        let mut chosen: Vec<String> = Vec::new();
+        for node in last {
+            let id = node.clone().unwrap_or_else(|| me.clone());
+            if !chosen.contains(&id) {
+                chosen.push(id);
+            }
+        }
+        let want = chosen.len();
+        chosen.retain(|id| members.get(id).is_some_and(|m| m.alive));
+        let mut others: Vec<&cluster::Member> = members
+            .values()
+            .filter(|m| m.alive && !chosen.contains(&m.id))
+            .collect();
+        others.sort_by(|a, b| capacity(b).cmp(&capacity(a)).then(a.id.cmp(&b.id)));
+        for m in others {
+            if chosen.len() >= want {
+                break;
+            }
+            chosen.push(m.id.clone());
+        }
+        Ok(spread(&chosen, last.len(), &me))
+    })
+}
+
+/// The size of a model file, or of a model directory's files.
+fn model_bytes(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{0}")]
@@ -215,6 +294,39 @@ pub struct NodeState {
     pub node: NodeInfo,
     pub instances: Vec<InstanceView>,
     pub channels: Vec<ipc::ChannelStats>,
+    /// The cluster as this node sees it, when it is part of one.
+    pub cluster: Option<ClusterView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    pub node_id: String,
+    pub incarnation: u64,
+    pub lease_ms: u64,
+    pub nodes: Vec<MemberView>,
+    /// Runners this node hosts for instances other nodes coordinate.
+    pub hosted: Vec<HostedView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub id: String,
+    pub incarnation: u64,
+    pub alive: bool,
+    /// Since the node was last seen joining (alive) or leaving (lost).
+    pub for_ms: u64,
+    pub api_addr: Option<String>,
+    pub cores: Option<u32>,
+    pub mem_free_bytes: Option<u64>,
+    pub runners: Option<u32>,
+    pub instances: Vec<cluster::InstanceBrief>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostedView {
+    pub link: String,
+    pub pid: u32,
+    pub coordinator: String,
 }
 
 pub struct Node {
@@ -226,12 +338,33 @@ pub struct Node {
     /// The last views of recently deleted instances, oldest first.
     deleted: Mutex<std::collections::VecDeque<InstanceView>>,
     runner_env: Vec<(String, String)>,
+    mesh: Option<Arc<Mesh>>,
+    /// Where the API listens, as other nodes reach it.
+    api_addr: OnceLock<String>,
 }
 
 impl Node {
     /// Opens (and locks) the state dir, sweeps stale runners, starts the
     /// spawner. Must run inside a tokio runtime.
     pub fn start(state_dir: &Path, program: PathBuf) -> anyhow::Result<Arc<Node>> {
+        let (state_dir, sweep) = Self::open(state_dir)?;
+        Self::build(state_dir, sweep, program, None)
+    }
+
+    /// [`Node::start`], then joins the cluster with the node identity kept
+    /// in the state dir (a new incarnation each time).
+    pub async fn start_clustered(
+        state_dir: &Path,
+        program: PathBuf,
+        config: MeshConfig,
+    ) -> anyhow::Result<Arc<Node>> {
+        let (state_dir, sweep) = Self::open(state_dir)?;
+        let identity = cluster::NodeIdentity::load_or_create(state_dir.path())?;
+        let mesh = Mesh::join(&config, identity, program.clone()).await?;
+        Self::build(state_dir, sweep, program, Some(mesh))
+    }
+
+    fn open(state_dir: &Path) -> anyhow::Result<(StateDir, SweepReport)> {
         let state_dir = StateDir::open(state_dir)?;
         let sweep = state_dir.sweep_stale_runners(Duration::from_secs(5));
         if !sweep.killed.is_empty() || !sweep.stale_files_removed.is_empty() {
@@ -244,16 +377,35 @@ impl Node {
         for error in &sweep.errors {
             tracing::warn!(%error, "sweep");
         }
+        Ok((state_dir, sweep))
+    }
+
+    fn build(
+        state_dir: StateDir,
+        sweep: SweepReport,
+        program: PathBuf,
+        mesh: Option<Arc<Mesh>>,
+    ) -> anyhow::Result<Arc<Node>> {
         let spawner = Spawner::start(tokio::runtime::Handle::current())?;
         let ctx = Arc::new(SupervisorContext {
             spawner,
             state_dir: Arc::new(state_dir),
+            node_id: mesh.as_ref().map(|m| m.id().to_string()),
+            remote: mesh
+                .clone()
+                .map(|m| m as Arc<dyn supervisor::remote::RemoteSpawner>),
         });
         let mut runner_env = Vec::new();
         if let Ok(level) = std::env::var(crate::logging::RUNNER_LOG_ENV) {
             runner_env.push((crate::logging::RUNNER_LOG_ENV.to_string(), level));
         }
+        if let Some(mesh) = &mesh {
+            mesh.attach(&ctx);
+            runner_env.push((DATA_HOST_ENV.into(), mesh.advertise_host().to_string()));
+        }
         Ok(Arc::new(Node {
+            mesh,
+            api_addr: OnceLock::new(),
             ctx,
             program,
             sweep,
@@ -275,6 +427,7 @@ impl Node {
                 req.runners
             )));
         }
+        let placement = self.place(&req)?;
         let mut runner_env = self.runner_env.clone();
         let (engine, tasks_to_all_ranks) = if req.model == "scripted" {
             if req.sharding.is_some() || req.layers.is_some() || req.weights.is_some() {
@@ -305,7 +458,13 @@ impl Node {
         let engine_config = serde_json::to_string(&engine)
             .map_err(|e| NodeError::BadRequest(format!("engine config: {e}")))?;
         let instance_id = format!("i-{:08x}", fastrand::u32(..));
+        let replace = match (&self.mesh, placement.is_empty()) {
+            (Some(mesh), false) => Some(replacer(mesh)),
+            _ => None,
+        };
         let spec = InstanceSpec {
+            placement,
+            replace,
             instance_id: instance_id.clone(),
             model: req.model,
             runners: req.runners,
@@ -414,7 +573,241 @@ impl Node {
             },
             instances: self.instances().values().map(|h| h.view()).collect(),
             channels: ipc::stats::snapshot(),
+            cluster: self.cluster_view(),
         }
+    }
+
+    fn cluster_view(&self) -> Option<ClusterView> {
+        let mesh = self.mesh.as_ref()?;
+        let identity = mesh.cluster().identity().clone();
+        let members = mesh.cluster().members().borrow().clone();
+        let nodes = members
+            .values()
+            .map(|m| MemberView {
+                id: m.id.clone(),
+                incarnation: m.incarnation,
+                alive: m.alive,
+                for_ms: m.since.elapsed().as_millis() as u64,
+                api_addr: m.info.as_ref().map(|i| i.api_addr.clone()),
+                cores: m.info.as_ref().map(|i| i.cores),
+                mem_free_bytes: m.info.as_ref().map(|i| i.mem_free_bytes),
+                runners: m.info.as_ref().map(|i| i.runners),
+                instances: m
+                    .info
+                    .as_ref()
+                    .map(|i| i.instances.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Some(ClusterView {
+            node_id: identity.id,
+            incarnation: identity.incarnation,
+            lease_ms: mesh.lease().as_millis() as u64,
+            nodes,
+            hosted: mesh
+                .hosted()
+                .into_iter()
+                .map(|(link, pid, coordinator)| HostedView {
+                    link,
+                    pid,
+                    coordinator,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.mesh.as_ref()
+    }
+
+    /// Which node each rank runs on (empty: all on this node).
+    fn place(&self, req: &CreateInstance) -> Result<Vec<Option<String>>, NodeError> {
+        if req.nodes.is_none() && req.node_ids.is_none() {
+            return Ok(Vec::new());
+        }
+        let bad = |m: String| Err(NodeError::BadRequest(m));
+        let Some(mesh) = &self.mesh else {
+            return bad("nodes and node_ids need a cluster: start the node with --cluster-listen (and --peer to join others)".into());
+        };
+        let me = mesh.id().to_string();
+        let members = mesh.cluster().members().borrow().clone();
+        let alive: Vec<&cluster::Member> = members.values().filter(|m| m.alive).collect();
+        let alive_ids = || {
+            alive
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let chosen: Vec<String> = match (req.nodes, &req.node_ids) {
+            (Some(_), Some(_)) => return bad("give nodes or node_ids, not both".into()),
+            (Some(n), None) => {
+                if n == 0 || n as usize > alive.len() {
+                    return bad(format!(
+                        "nodes must be between 1 and the {} live nodes ({}), got {n}",
+                        alive.len(),
+                        alive_ids()
+                    ));
+                }
+                // This node first (it streams rank 0's tokens), then the
+                // others with the most free memory, then the most cores.
+                let mut others: Vec<&cluster::Member> =
+                    alive.iter().copied().filter(|m| m.id != me).collect();
+                others.sort_by(|a, b| capacity(b).cmp(&capacity(a)).then(a.id.cmp(&b.id)));
+                std::iter::once(me.clone())
+                    .chain(others.iter().map(|m| m.id.clone()))
+                    .take(n as usize)
+                    .collect()
+            }
+            (None, Some(ids)) => {
+                if ids.is_empty() {
+                    return bad("node_ids must name at least one node".into());
+                }
+                for (i, id) in ids.iter().enumerate() {
+                    if ids[..i].contains(id) {
+                        return bad(format!("node_ids names node {id} twice"));
+                    }
+                    if !alive.iter().any(|m| &m.id == id) {
+                        return bad(format!(
+                            "node {id:?} is not a live member of the cluster; live nodes: {}",
+                            alive_ids()
+                        ));
+                    }
+                }
+                ids.clone()
+            }
+            (None, None) => unreachable!("checked above"),
+        };
+        let runners = req.runners as usize;
+        if runners < chosen.len() {
+            return bad(format!(
+                "{runners} runners cannot span {} nodes: every node needs at least one runner",
+                chosen.len()
+            ));
+        }
+        let model_bytes = model_bytes(Path::new(&req.model));
+        let placement = spread(&chosen, runners, &me);
+        for node in &chosen {
+            let count = placement
+                .iter()
+                .filter(|p| p.as_deref().unwrap_or(&me) == node)
+                .count();
+            let need = model_bytes / runners as u64 * count as u64;
+            let free = members
+                .get(node)
+                .and_then(|m| m.info.as_ref())
+                .map(|i| i.mem_free_bytes);
+            if let Some(free) = free.filter(|f| *f < need) {
+                return bad(format!(
+                    "node {node} has {} MiB of memory free but its {count} runner(s) need about {} MiB (the model is {} MiB over {runners} runners)",
+                    free >> 20,
+                    need >> 20,
+                    model_bytes >> 20
+                ));
+            }
+        }
+        Ok(placement)
+    }
+
+    /// Publishes this node's info to the cluster (its API address is
+    /// `api_addr`) now and whenever it changes.
+    pub fn announce(self: &Arc<Self>, api_addr: String) {
+        let Some(mesh) = self.mesh.clone() else {
+            return;
+        };
+        let _ = self.api_addr.set(api_addr);
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last: Option<(Vec<cluster::InstanceBrief>, u32)> = None;
+            let mut last_at = std::time::Instant::now();
+            loop {
+                let Some(node) = node.upgrade() else { return };
+                let briefs = node.briefs();
+                let runners = node.runners_here();
+                let changed = last.as_ref() != Some(&(briefs.clone(), runners));
+                if changed || last_at.elapsed() >= Duration::from_secs(5) {
+                    let mut info = mesh
+                        .cluster()
+                        .local_node_info(node.api_addr.get().cloned().unwrap_or_default(), runners);
+                    info.instances = briefs.clone();
+                    if let Err(e) = mesh.cluster().publish_info(&info).await {
+                        tracing::debug!(error = %e, "publishing node info failed");
+                    }
+                    last = Some((briefs, runners));
+                    last_at = std::time::Instant::now();
+                }
+                drop(node);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    fn briefs(&self) -> Vec<cluster::InstanceBrief> {
+        let me = self.mesh.as_ref().map(|m| m.id().to_string());
+        self.instances()
+            .values()
+            .map(|h| {
+                let v = h.view();
+                cluster::InstanceBrief {
+                    instance_id: v.instance_id,
+                    model: v.model,
+                    state: v.state.name().to_string(),
+                    nodes: v
+                        .runners
+                        .iter()
+                        .map(|r| r.node.clone().or(me.clone()).unwrap_or_default())
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Runner processes alive on this node.
+    fn runners_here(&self) -> u32 {
+        let me = self.mesh.as_ref().map(|m| m.id().to_string());
+        let own: usize = self
+            .instances()
+            .values()
+            .map(|h| {
+                h.view()
+                    .runners
+                    .iter()
+                    .filter(|r| r.exit.is_none() && r.node == me)
+                    .count()
+            })
+            .sum();
+        (own + self.mesh.as_ref().map_or(0, |m| m.hosted_count())) as u32
+    }
+
+    /// The API address of the node coordinating instance (or serving model)
+    /// `model`, when that is another node.
+    pub fn remote_api(&self, model: &str) -> Option<String> {
+        let mesh = self.mesh.as_ref()?;
+        let members = mesh.cluster().members().borrow().clone();
+        let others = || {
+            members
+                .values()
+                .filter(|m| m.alive && m.id != mesh.id())
+                .filter_map(|m| m.info.as_ref())
+        };
+        others()
+            .find(|i| i.instances.iter().any(|b| b.instance_id == model))
+            .or_else(|| {
+                others().find(|i| {
+                    i.instances
+                        .iter()
+                        .any(|b| b.model == model && b.state == "ready")
+                })
+            })
+            .map(|i| i.api_addr.clone())
+    }
+
+    /// Leaves the cluster: stops the runners hosted for other nodes first.
+    pub async fn leave_cluster(&self) {
+        let Some(mesh) = &self.mesh else { return };
+        mesh.stop_hosted();
+        mesh.wait_hosted_gone(Duration::from_secs(5)).await;
+        mesh.leave().await;
     }
 
     pub fn sweep_report(&self) -> &SweepReport {

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod fault;
 pub mod lifecycle;
 mod links;
+pub use links::DATA_HOST_ENV;
 pub mod model;
 mod process;
 pub mod scripted;

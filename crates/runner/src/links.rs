@@ -137,10 +137,15 @@ impl Link {
     }
 }
 
-/// Binds the listener peers dial, on loopback. Called from the runtime's
-/// own thread (inside its context), so it does not block on the runtime.
+/// The env var naming the address to bind the data-plane listener on: one
+/// the other nodes reach (set by the node; loopback when unset).
+pub const DATA_HOST_ENV: &str = "SHARDVISOR_DATA_HOST";
+
+/// Binds the listener peers dial. Called from the runtime's own thread
+/// (inside its context), so it does not block on the runtime.
 pub fn listen() -> std::io::Result<(TcpListener, String)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let host = std::env::var(DATA_HOST_ENV).unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = std::net::TcpListener::bind((host.as_str(), 0))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?.to_string();
     Ok((TcpListener::from_std(listener)?, addr))

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::process::{ExitCause, Spawner, StopOutcome};
+use crate::remote::{Link, RemoteSpawner};
 use crate::restart::{RestartConfig, RestartDecision, RestartPolicy};
 use crate::runner_handle::{
     ChannelEnd, Heartbeat, RunnerEvent, RunnerHandle, RunnerSpec, SendFailure,
@@ -83,7 +84,7 @@ fn ms(v: u64) -> Duration {
 }
 
 /// What it takes to start an instance.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InstanceSpec {
     pub instance_id: String,
     pub model: String,
@@ -99,12 +100,27 @@ pub struct InstanceSpec {
     /// (the scripted engine) or only rank 0 does and the other ranks are
     /// driven over the data plane (the model).
     pub tasks_to_all_ranks: bool,
+    /// The node of each rank: `None` (or a missing entry) runs it on this
+    /// node, `Some(id)` on that node through [`SupervisorContext::remote`].
+    pub placement: Vec<Option<String>>,
+    /// Before a restart: the placement to use instead of the last one (the
+    /// nodes that remain). `None` keeps the placement.
+    pub replace: Option<Replace>,
 }
+
+/// Re-places an instance's ranks: takes the last placement, returns the new
+/// one or why there is none.
+pub type Replace =
+    Arc<dyn Fn(&[Option<String>]) -> Result<Vec<Option<String>>, String> + Send + Sync>;
 
 /// Shared by every instance of a node.
 pub struct SupervisorContext {
     pub spawner: Spawner,
     pub state_dir: Arc<StateDir>,
+    /// This node's cluster id, when it is part of a cluster.
+    pub node_id: Option<String>,
+    /// Starts ranks placed on other nodes.
+    pub remote: Option<Arc<dyn RemoteSpawner>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -149,6 +165,8 @@ pub struct FailureReport {
 pub struct RunnerView {
     pub runner_id: String,
     pub rank: u32,
+    /// The node hosting it (in a cluster).
+    pub node: Option<String>,
     pub pid: Option<u32>,
     pub state: RunnerState,
     /// Every state the runner reported, in order (current generation).
@@ -397,7 +415,9 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
 
 struct Slot {
     runner_id: String,
-    handle: Option<RunnerHandle>,
+    /// The hosting node, when it is not this one.
+    node: Option<String>,
+    handle: Option<Link>,
     state: RunnerState,
     history: Vec<RunnerState>,
     /// The current phase's deadline.
@@ -470,6 +490,10 @@ struct Actor {
     pending_failure: Option<(usize, Phase, String, Instant)>,
 }
 
+/// After a node loss, how long the instance's other runners get between
+/// SIGTERM and SIGKILL.
+const NODE_LOST_GRACE: Duration = Duration::from_millis(300);
+
 /// How long a lost-link report waits for the peer's own exit.
 const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
 
@@ -507,14 +531,15 @@ impl Actor {
             .map(|(rank, s)| RunnerView {
                 runner_id: s.runner_id.clone(),
                 rank: rank as u32,
-                pid: s.handle.as_ref().map(|h| h.pid),
+                node: s.node.clone().or_else(|| self.ctx.node_id.clone()),
+                pid: s.handle.as_ref().map(|h| h.pid()),
                 state: s.state.clone(),
                 history: s.history.clone(),
                 exit: s.exit.map(|e| e.to_string()),
                 channel: s
                     .handle
                     .as_ref()
-                    .map(|h| h.channel_stats())
+                    .and_then(|h| h.channel_stats())
                     .or_else(|| s.channel.clone()),
             })
             .collect();
@@ -562,13 +587,30 @@ impl Actor {
                 heartbeat: self.heartbeat(),
                 extra_env: self.spec.runner_env.clone(),
             };
-            let spawned = RunnerHandle::spawn(
-                &self.ctx.spawner,
-                &self.ctx.state_dir,
-                spec,
-                events_tx.clone(),
-            )
-            .await;
+            let node = self.spec.placement.get(rank as usize).cloned().flatten();
+            let spawned = match (&node, &self.ctx.remote) {
+                (None, _) => RunnerHandle::spawn(
+                    &self.ctx.spawner,
+                    &self.ctx.state_dir,
+                    spec,
+                    events_tx.clone(),
+                )
+                .await
+                .map(Link::Local)
+                .map_err(|e| e.to_string()),
+                (Some(node), Some(remote)) => remote
+                    .spawn(
+                        node.clone(),
+                        spec,
+                        events_tx.clone(),
+                        ms(self.spec.timeouts.spawn_ms),
+                    )
+                    .await
+                    .map(Link::Remote),
+                (Some(node), None) => Err(format!(
+                    "placed on node {node}, but this node is not part of a cluster"
+                )),
+            };
             let deadline = Some((
                 now + ms(self.spec.timeouts.spawn_ms),
                 Phase::Spawning,
@@ -576,9 +618,10 @@ impl Actor {
             ));
             match spawned {
                 Ok(handle) => {
-                    tracing::debug!(instance = %self.spec.instance_id, runner = %runner_id, pid = handle.pid, "runner spawned");
+                    tracing::debug!(instance = %self.spec.instance_id, runner = %runner_id, pid = handle.pid(), node = ?node, "runner spawned");
                     self.slots.push(Slot {
                         runner_id,
+                        node,
                         handle: Some(handle),
                         state: RunnerState::Idle,
                         history: Vec::new(),
@@ -593,6 +636,7 @@ impl Actor {
                     let cause = format!("could not spawn: {e}");
                     self.slots.push(Slot {
                         runner_id,
+                        node,
                         handle: None,
                         state: RunnerState::Failed {
                             phase: Phase::Spawning,
@@ -703,6 +747,20 @@ impl Actor {
             self.restart_at = None;
             tracing::info!(instance = %self.spec.instance_id, restarts = self.restart.restarts(), "restarting instance");
             self.failure = None;
+            if let Some(replace) = &self.spec.replace {
+                match replace(&self.spec.placement) {
+                    Ok(placement) => {
+                        if placement != self.spec.placement {
+                            tracing::info!(instance = %self.spec.instance_id, ?placement, "re-placed");
+                        }
+                        self.spec.placement = placement;
+                    }
+                    // The spawn on the missing node fails and says why.
+                    Err(e) => {
+                        tracing::info!(instance = %self.spec.instance_id, error = %e, "cannot re-place")
+                    }
+                }
+            }
             self.spawn_generation().await;
         }
     }
@@ -1019,12 +1077,16 @@ impl Actor {
         let phase = slot.phase();
         slot.exit = Some(cause);
         slot.deadline = None;
-        slot.channel = slot.handle.as_ref().map(|h| h.channel_stats());
+        slot.channel = slot.handle.as_ref().and_then(|h| h.channel_stats());
         let hung = slot.hung;
         let what = match (hung, &channel) {
             (Some(silent), _) => format!(
                 "hung (no pong for {} ms), killed: {cause}",
                 silent.as_millis()
+            ),
+            (None, ChannelEnd::PeerLost(detail)) if cause == ExitCause::NodeLost => format!(
+                "node {} lost: {detail}",
+                slot.node.as_deref().unwrap_or("?")
             ),
             (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
             (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
@@ -1035,6 +1097,16 @@ impl Actor {
         if self.teardown.is_none() {
             // A runner ended while the instance was starting or serving.
             self.fail(rank, phase, what.clone()).await;
+        }
+        if cause == ExitCause::NodeLost {
+            // The other runners' data-plane links to the lost node may be
+            // silent (a partition, not a crash): they cannot finish anything
+            // and would only sit out the drain deadline. Stop them now.
+            for slot in &self.slots {
+                if let (false, Some(handle)) = (slot.exited(), &slot.handle) {
+                    handle.request_terminate(true, NODE_LOST_GRACE);
+                }
+            }
         }
         // Tasks that were waiting only for this runner are now decided.
         let waiting: Vec<String> = self

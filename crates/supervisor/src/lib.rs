@@ -10,6 +10,7 @@
 pub mod instance;
 pub mod logs;
 pub mod process;
+pub mod remote;
 pub mod resources;
 pub mod restart;
 pub mod runner_handle;

@@ -106,6 +106,10 @@ pub enum ExitCause {
     /// (someone else called `waitpid`) or the runtime is shutting down. The
     /// error is logged where it happens.
     Unknown,
+    /// The runner ran on another node that was lost (gone from the cluster,
+    /// or not answering): the process died with it (its parent death signal)
+    /// or was stopped by that node's own supervisor; either way it is gone.
+    NodeLost,
 }
 
 impl ExitCause {
@@ -160,6 +164,7 @@ impl fmt::Display for ExitCause {
                 None => write!(f, "signal={signal}"),
             },
             ExitCause::Unknown => f.write_str("exit=unknown"),
+            ExitCause::NodeLost => f.write_str("node lost"),
         }
     }
 }

@@ -2,10 +2,12 @@
 //! daemon, real runner processes, real sockets and real signals.
 
 mod bad_input;
+mod cluster;
 mod faults;
 mod harness;
 mod lifecycle;
 mod model;
 mod node_crash;
+mod partition;
 mod runner_protocol;
 mod stress;

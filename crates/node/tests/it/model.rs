@@ -7,26 +7,16 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{first_chunk_task_id, fresh_dir, read_chat, runner_pids, watchdog, TestNode};
+use crate::harness::{
+    create_ready, first_chunk_task_id, fresh_dir, read_chat, runner_pids, tiny_model, watchdog,
+    TestNode,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 
 /// The SmolLM2 GGUF, or `None` with a printed reason.
 pub fn smollm2() -> Option<PathBuf> {
     engine::testing::smollm2_gguf()
-}
-
-fn tiny_model(tag: &str) -> PathBuf {
-    let dir = fresh_dir(tag).join("tiny-llama");
-    engine::testing::write_tiny_llama(&dir, 7).expect("write tiny model");
-    dir
-}
-
-async fn create_ready(node: &TestNode, body: Value) -> String {
-    let id = node.create(body).await;
-    let v = node.wait_state(&id, &["ready", "failed"], LONG).await;
-    assert_eq!(v["state"]["state"], "ready", "{v}");
-    id
 }
 
 /// Greedy completion text and finish reason of one chat.

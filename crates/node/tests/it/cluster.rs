@@ -1,0 +1,395 @@
+//! Multi-node instances: three `shardvisor serve` processes on loopback,
+//! each with its own ports and state dir, joined over zenoh; runners on
+//! every node; nodes killed with SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{
+    create_ready, fast_timeouts, first_chunk_task_id, read_chat, runner_pids, start_cluster,
+    state_name, tiny_model, wait_no_runners, watchdog, TestNode,
+};
+
+const LONG: Duration = Duration::from_secs(60);
+const LEASE_MS: u64 = 1000;
+
+/// Greedy completion of one streamed chat through `node`.
+async fn greedy(node: &TestNode, id: &str, prompt: &str, max_tokens: u32) -> String {
+    let chat = watchdog("chat", LONG, async {
+        read_chat(node.chat(id, prompt, max_tokens, true).await).await
+    })
+    .await;
+    assert!(chat.errors.is_empty(), "{chat:?}");
+    assert_eq!(chat.finish_reasons.len(), 1, "{chat:?}");
+    chat.text
+}
+
+/// The node of each runner, as the coordinator reports it.
+fn runner_nodes(view: &Value) -> Vec<String> {
+    view["runners"]
+        .as_array()
+        .expect("runners")
+        .iter()
+        .map(|r| r["node"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// (a) A pipeline over three nodes, a chat through node 2's API (proxied to
+/// the coordinator), a delete through node 2: the same answer as one
+/// process, and a shutdown that logs nothing wrong anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_over_three_nodes_serves_through_any_node_and_shuts_down_quietly() {
+    let model = tiny_model("cluster-a");
+    let nodes = start_cluster("cluster-a", 3, LEASE_MS).await;
+    let ids: Vec<String> = futures_util::future::join_all(nodes.iter().map(|n| n.node_id())).await;
+
+    let single = create_ready(&nodes[0], json!({"model": model, "runners": 1})).await;
+    let expected = greedy(&nodes[0], &single, "hello cluster", 24).await;
+    nodes[0].delete(&single, "").await;
+
+    let id = create_ready(
+        &nodes[0],
+        json!({"model": model, "runners": 3, "nodes": 3, "weights": "f32"}),
+    )
+    .await;
+    let view = nodes[0].instance(&id).await;
+    let placed = runner_nodes(&view);
+    assert_eq!(placed[0], ids[0], "rank 0 stays on the coordinator: {view}");
+    let mut distinct = placed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one rank per node: {placed:?}");
+    assert_eq!(runner_pids(&id).len(), 3);
+
+    // Node 2 learns of the instance from node 1's announcement.
+    let seen = nodes[1].wait_knows(&id).await;
+    assert_eq!(state_name(&seen["state"]), "ready", "{seen}");
+    let text = greedy(&nodes[1], &id, "hello cluster", 24).await;
+    assert_eq!(text, expected, "three nodes answer as one process does");
+    let (status, v) = nodes[1]
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": id, "messages": [{"role": "user", "content": "hello cluster"}], "max_tokens": 24})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], expected.as_str());
+
+    let report = nodes[1].delete(&id, "").await;
+    assert_eq!(
+        report["runners"].as_array().map(|r| r.len()),
+        Some(3),
+        "{report}"
+    );
+    assert!(
+        report["escalations"]
+            .as_array()
+            .is_some_and(|e| e.is_empty()),
+        "{report}"
+    );
+    assert!(
+        report["errors"].as_array().is_some_and(|e| e.is_empty()),
+        "{report}"
+    );
+    wait_no_runners(&id, Duration::from_secs(5)).await;
+    // Give the relays a moment to finish their last lines, then check.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for node in &nodes {
+        node.assert_quiet();
+    }
+}
+
+/// (b) A tensor-parallel instance over two nodes answers exactly as one
+/// process does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_over_two_nodes_matches_one_process() {
+    let model = tiny_model("cluster-b");
+    let nodes = start_cluster("cluster-b", 2, LEASE_MS).await;
+    let ids: Vec<String> = futures_util::future::join_all(nodes.iter().map(|n| n.node_id())).await;
+    let single = create_ready(
+        &nodes[0],
+        json!({"model": model, "runners": 1, "weights": "f32"}),
+    )
+    .await;
+    let expected = greedy(&nodes[0], &single, "tensor across machines", 32).await;
+    let id = create_ready(
+        &nodes[0],
+        json!({"model": model, "runners": 2, "sharding": "tensor", "node_ids": ids, "weights": "f32"}),
+    )
+    .await;
+    assert_eq!(runner_nodes(&nodes[0].instance(&id).await), ids);
+    assert_eq!(
+        greedy(&nodes[0], &id, "tensor across machines", 32).await,
+        expected
+    );
+    nodes[0].delete(&id, "").await;
+    nodes[0].delete(&single, "").await;
+    wait_no_runners(&id, Duration::from_secs(5)).await;
+    for node in &nodes {
+        node.assert_quiet();
+    }
+}
+
+/// (c) SIGKILL of a node hosting a pipeline stage in the middle of a
+/// streamed chat: the client's error names the node within lease + 1 s, no
+/// runner of the instance is left anywhere, and the surviving nodes agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_mid_stream_fails_the_chat_naming_it() {
+    let model = tiny_model("cluster-c");
+    let mut nodes = start_cluster("cluster-c", 3, LEASE_MS).await;
+    let ids: Vec<String> = futures_util::future::join_all(nodes.iter().map(|n| n.node_id())).await;
+    let mut body = json!({
+        "model": model, "runners": 3, "node_ids": ids, "weights": "f32",
+        "restart": {"max_restarts": 0},
+    });
+    body["timeouts"] = fast_timeouts();
+    let id = create_ready(&nodes[0], body).await;
+    nodes[1].wait_knows(&id).await;
+
+    // The tiny model's context is 1024 tokens.
+    let mut stream = nodes[1].chat(&id, "a long story", 960, true).await;
+    assert_eq!(stream.status, 200);
+    first_chunk_task_id(&mut stream).await;
+    // Tokens are flowing through all three nodes.
+    stream.next_data().await.expect("sse").expect("a token");
+
+    let killed_at = Instant::now();
+    nodes[2].signal(libc::SIGKILL);
+    let _ = nodes[2].child.wait();
+    let chat = watchdog(
+        "the chat failing",
+        Duration::from_secs(10),
+        read_chat(stream),
+    )
+    .await;
+    let detected = killed_at.elapsed();
+    eprintln!("node killed: client error after {detected:?}");
+    assert_eq!(chat.errors.len(), 1, "{chat:?}");
+    assert!(chat.finish_reasons.is_empty(), "{chat:?}");
+    let error = &chat.errors[0];
+    assert!(
+        error.contains(&format!("node {} lost", ids[2])),
+        "the error names the lost node: {error}"
+    );
+    assert!(
+        detected <= Duration::from_millis(LEASE_MS + 1000),
+        "error after {detected:?}, lease is {LEASE_MS} ms"
+    );
+
+    wait_no_runners(&id, Duration::from_secs(5)).await;
+    let failed = nodes[0].wait_state(&id, &["failed"], LONG).await;
+    assert!(
+        failed["failure"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&ids[2])),
+        "{failed}"
+    );
+    // Nodes 1 and 2 agree: node 3 is lost, the instance failed.
+    watchdog("nodes 1 and 2 agreeing", Duration::from_secs(10), async {
+        loop {
+            let views = [nodes[0].cluster().await, nodes[1].cluster().await];
+            let agree = views.iter().all(|c| {
+                let nodes = c["nodes"].as_array().cloned().unwrap_or_default();
+                let lost = nodes
+                    .iter()
+                    .any(|m| m["id"] == ids[2].as_str() && m["alive"] == false);
+                let alive = nodes.iter().filter(|m| m["alive"] == true).count() == 2;
+                let instance_failed = nodes.iter().any(|m| {
+                    m["id"] == ids[0].as_str()
+                        && m["instances"].as_array().is_some_and(|i| {
+                            i.iter()
+                                .any(|b| b["instance_id"] == id.as_str() && b["state"] == "failed")
+                        })
+                });
+                lost && alive && instance_failed
+            });
+            if agree {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Node 2 hosts nothing for the failed instance any more.
+    assert_eq!(nodes[1].cluster().await["hosted"], json!([]));
+    nodes.truncate(2);
+}
+
+/// (d) SIGKILL of the coordinating node: the runners it had placed on the
+/// other nodes are gone within lease + 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_coordinator_stops_its_runners_on_every_node() {
+    let model = tiny_model("cluster-d");
+    let nodes = start_cluster("cluster-d", 3, LEASE_MS).await;
+    let id = create_ready(
+        &nodes[0],
+        json!({"model": model, "runners": 3, "nodes": 3, "weights": "f32"}),
+    )
+    .await;
+    assert_eq!(runner_pids(&id).len(), 3);
+    let killed_at = Instant::now();
+    nodes[0].signal(libc::SIGKILL);
+    let took = wait_no_runners(&id, Duration::from_secs(10)).await;
+    eprintln!("coordinator killed: remote runners gone after {took:?}");
+    assert!(
+        took <= Duration::from_millis(LEASE_MS + 1000),
+        "runners outlived their coordinator by {took:?}"
+    );
+    assert!(killed_at.elapsed() >= took);
+    for node in &nodes[1..] {
+        watchdog("hosted runners forgotten", Duration::from_secs(5), async {
+            while node.cluster().await["hosted"] != json!([]) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// The restart policy re-places an instance that lost a node on the nodes
+/// that remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_re_places_the_instance_on_the_remaining_nodes() {
+    let model = tiny_model("cluster-replace");
+    let mut nodes = start_cluster("cluster-replace", 3, LEASE_MS).await;
+    let ids: Vec<String> = futures_util::future::join_all(nodes.iter().map(|n| n.node_id())).await;
+    let mut body = json!({
+        "model": model, "runners": 3, "node_ids": ids, "weights": "f32",
+        "restart": {"max_restarts": 3, "backoff_initial_ms": 50},
+    });
+    body["timeouts"] = fast_timeouts();
+    let id = create_ready(&nodes[0], body).await;
+    nodes[2].signal(libc::SIGKILL);
+    let _ = nodes[2].child.wait();
+    let view = watchdog("the instance ready again", LONG, async {
+        loop {
+            let v = nodes[0].instance(&id).await;
+            if state_name(&v["state"]) == "ready" && v["restarts"] == 1 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let placed = runner_nodes(&view);
+    assert_eq!(placed.len(), 3);
+    assert!(!placed.contains(&ids[2]), "{placed:?}");
+    assert!(placed.contains(&ids[1]), "{placed:?}");
+    nodes.truncate(2);
+    let text = greedy(&nodes[1], &id, "still here", 8).await;
+    assert!(!text.is_empty());
+    nodes[0].delete(&id, "").await;
+    wait_no_runners(&id, Duration::from_secs(5)).await;
+}
+
+/// (f) The startup barrier spans nodes: a runner failing in `Loading` on
+/// node 3 fails the whole instance, the error names it, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_failing_to_load_on_another_node_fails_the_whole_instance() {
+    let model = tiny_model("cluster-f");
+    let nodes = start_cluster("cluster-f", 3, LEASE_MS).await;
+    let mut body = json!({
+        "model": model, "runners": 3, "nodes": 3,
+        "fault": {"runner": 2, "phase": "loading", "kind": "exit", "code": 3},
+    });
+    body["timeouts"] = fast_timeouts();
+    let id = nodes[0].create(body).await;
+    nodes[1].wait_knows(&id).await;
+    let v = nodes[0].wait_state(&id, &["ready", "failed"], LONG).await;
+    assert_eq!(state_name(&v["state"]), "failed", "{v}");
+    let message = v["failure"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("runner {id}/2")) && message.contains("loading"),
+        "{message}"
+    );
+    assert!(message.contains("exitcode=3"), "{message}");
+    wait_no_runners(&id, Duration::from_secs(10)).await;
+    let (status, v) = nodes[1]
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": id, "messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(status, 503, "{v}");
+}
+
+/// Placement that cannot be honoured is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_placements_are_refused_with_the_reason() {
+    let model = tiny_model("cluster-place");
+    let nodes = start_cluster("cluster-place", 2, LEASE_MS).await;
+    let cases = [
+        (
+            json!({"model": model, "runners": 3, "nodes": 3}),
+            "nodes must be between 1 and the 2 live nodes",
+        ),
+        (
+            json!({"model": model, "runners": 1, "nodes": 2}),
+            "1 runners cannot span 2 nodes",
+        ),
+        (
+            json!({"model": model, "runners": 2, "node_ids": ["n-00000000"]}),
+            "is not a live member",
+        ),
+        (
+            json!({"model": model, "runners": 2, "nodes": 2, "node_ids": []}),
+            "not both",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, v) = nodes[0].call("POST", "/instance", Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let single = TestNode::start("cluster-place-single");
+    let (status, v) = single
+        .call(
+            "POST",
+            "/instance",
+            Some(json!({"model": model, "runners": 2, "nodes": 2})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("--cluster-listen"));
+}
+
+/// (g) Twenty create → chat → delete cycles across three nodes, each chat
+/// through another node's API: every one answers, nothing is left, and no
+/// node or runner logs anything wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_cycles_across_three_nodes_are_quiet() {
+    let model = tiny_model("cluster-g");
+    let nodes = start_cluster("cluster-g", 3, LEASE_MS).await;
+    for cycle in 0..20 {
+        let coordinator = &nodes[cycle % 3];
+        let client = &nodes[(cycle + 1) % 3];
+        let id = create_ready(
+            coordinator,
+            json!({"model": model, "runners": 3, "nodes": 3, "weights": "f32"}),
+        )
+        .await;
+        client.wait_knows(&id).await;
+        let text = greedy(client, &id, &format!("cycle {cycle}"), 8).await;
+        assert!(!text.is_empty(), "cycle {cycle}");
+        let report = client.delete(&id, "").await;
+        assert!(
+            report["escalations"]
+                .as_array()
+                .is_some_and(|e| e.is_empty()),
+            "cycle {cycle}: {report}"
+        );
+        wait_no_runners(&id, Duration::from_secs(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for node in &nodes {
+        node.assert_quiet();
+        assert_eq!(node.cluster().await["hosted"], json!([]));
+    }
+}

@@ -17,6 +17,8 @@ use supervisor::restart::RestartConfig;
 
 use crate::node::{CreateInstance, Node};
 
+pub mod cluster;
+
 fn fast_instance(runners: u32) -> CreateInstance {
     let scripted = runner::scripted::ScriptedConfig {
         token_delay_ms: 0,
@@ -25,9 +27,18 @@ fn fast_instance(runners: u32) -> CreateInstance {
         ..Default::default()
     };
     CreateInstance {
-        model: "scripted".into(),
-        runners,
         scripted: Some(scripted),
+        ..instance_request("scripted".into(), runners)
+    }
+}
+
+/// An instance of `runners` runners of `model` with the defaults and no
+/// restarts (a benchmark measures, it does not recover).
+pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
+    CreateInstance {
+        model,
+        runners,
+        scripted: None,
         timeouts: None,
         restart: Some(RestartConfig {
             max_restarts: 0,
@@ -43,7 +54,7 @@ fn fast_instance(runners: u32) -> CreateInstance {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -51,13 +62,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-struct Stats {
-    median: f64,
-    p99: f64,
-    max: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
 }
 
-fn stats(mut samples: Vec<f64>) -> Stats {
+pub(crate) fn stats(mut samples: Vec<f64>) -> Stats {
     samples.sort_by(|a, b| a.total_cmp(b));
     Stats {
         median: percentile(&samples, 0.5),
@@ -66,7 +77,7 @@ fn stats(mut samples: Vec<f64>) -> Stats {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -233,7 +244,10 @@ fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> 
 }
 
 /// One timed chat: (prompt tokens, prefill tok/s, decode tok/s).
-async fn timed_chat(handle: &InstanceHandle, run: usize) -> anyhow::Result<(u32, f64, f64)> {
+pub(crate) async fn timed_chat(
+    handle: &InstanceHandle,
+    run: usize,
+) -> anyhow::Result<(u32, f64, f64)> {
     let started = Instant::now();
     let mut task = handle
         .submit(TaskSubmit {
@@ -299,21 +313,10 @@ pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()>
         let mut handles = Vec::new();
         for &(_, (runners, sharding)) in &layouts {
             let request = CreateInstance {
-                model: options.path.clone(),
-                runners,
-                scripted: None,
-                timeouts: None,
-                restart: Some(RestartConfig {
-                    max_restarts: 0,
-                    ..Default::default()
-                }),
                 sharding: Some(sharding),
-                layers: None,
                 weights: Some(weights),
                 threads: options.threads,
-                fault: None,
-                nodes: None,
-                node_ids: None,
+                ..instance_request(options.path.clone(), runners)
             };
             let handle = node.create_instance(request)?;
             if let Err(cause) = handle.wait_ready().await {

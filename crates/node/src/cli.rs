@@ -200,6 +200,17 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 5000)]
         n: usize,
     },
+    /// Three nodes on loopback: command round trip, time to Ready across
+    /// nodes, cross-node pipeline decode, node-loss detection.
+    Cluster {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The model for the decode comparison (skipped when missing).
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        lease_ms: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +348,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let BenchWhat::Cluster {
+        rounds,
+        model,
+        lease_ms,
+    } = args.what
+    {
+        if !model.exists() {
+            eprintln!(
+                "{} is missing (scripts/fetch-model.sh): the decode comparison is skipped",
+                model.display()
+            );
+        }
+        let options = crate::bench::cluster::ClusterBench {
+            rounds,
+            model: model.exists().then_some(model),
+            lease_ms,
+        };
+        return crate::bench::cluster::run(&options).await;
+    }
     let dir = std::env::temp_dir().join(format!("shardvisor-bench-{}", std::process::id()));
     let node = Node::start(&dir, program()?)?;
     let result = match args.what {
@@ -360,6 +390,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             };
             crate::bench::model(&node, &options).await
         }
+        BenchWhat::Cluster { .. } => unreachable!("handled above"),
     };
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
@@ -543,6 +574,59 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
         node["pid"], node["state_dir"], node["uptime_ms"]
     );
     let empty = Vec::new();
+    let cluster = &state["cluster"];
+    if cluster.is_object() {
+        println!(
+            "cluster: this is node {} (incarnation {}), lease {} ms",
+            cluster["node_id"].as_str().unwrap_or("?"),
+            cluster["incarnation"],
+            cluster["lease_ms"]
+        );
+        println!(
+            "  {:<12} {:>4} {:<6} {:>10} {:<22} {:>5} {:>9} {:>7}  instances",
+            "node", "inc", "alive", "for_ms", "api", "cores", "free_MiB", "runners"
+        );
+        for m in cluster["nodes"].as_array().unwrap_or(&empty) {
+            let instances: Vec<String> = m["instances"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} ({})",
+                        b["instance_id"].as_str().unwrap_or("?"),
+                        b["state"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            println!(
+                "  {:<12} {:>4} {:<6} {:>10} {:<22} {:>5} {:>9} {:>7}  {}",
+                m["id"].as_str().unwrap_or("?"),
+                m["incarnation"].to_string(),
+                m["alive"].to_string(),
+                m["for_ms"].to_string(),
+                m["api_addr"].as_str().unwrap_or("-"),
+                m["cores"].to_string(),
+                m["mem_free_bytes"]
+                    .as_u64()
+                    .map_or("-".into(), |b| (b >> 20).to_string()),
+                m["runners"].to_string(),
+                instances.join(", ")
+            );
+        }
+        let hosted = cluster["hosted"].as_array().unwrap_or(&empty);
+        if !hosted.is_empty() {
+            println!("  runners hosted for other nodes:");
+            for h in hosted {
+                println!(
+                    "    pid {:>7}  coordinator {}  link {}",
+                    h["pid"].to_string(),
+                    h["coordinator"].as_str().unwrap_or("?"),
+                    h["link"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
     let list = state["instances"].as_array().unwrap_or(&empty);
     if list.is_empty() {
         println!("no instances");
@@ -561,8 +645,9 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
         }
         if inspect {
             println!(
-                "  {:<16} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
+                "  {:<16} {:<12} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
                 "runner",
+                "node",
                 "pid",
                 "state",
                 "channel",
@@ -573,14 +658,18 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
                 "idle_ms"
             );
         } else {
-            println!("  {:<16} {:>7} {:<14} exit", "runner", "pid", "state");
+            println!(
+                "  {:<16} {:<12} {:>7} {:<14} exit",
+                "runner", "node", "pid", "state"
+            );
         }
         for runner in instance["runners"].as_array().unwrap_or(&empty) {
             let ch = &runner["channel"];
             if inspect {
                 println!(
-                    "  {:<16} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
+                    "  {:<16} {:<12} {:>7} {:<14} {:<10} {:>8} {:>8} {:>6} {:>10} {:>8}",
                     runner["runner_id"].as_str().unwrap_or("?"),
+                    runner["node"].as_str().unwrap_or("-"),
                     runner["pid"].to_string(),
                     runner["state"]["state"].as_str().unwrap_or("?"),
                     ch["state"].as_str().unwrap_or("-"),
@@ -592,8 +681,9 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "  {:<16} {:>7} {:<14} {}",
+                    "  {:<16} {:<12} {:>7} {:<14} {}",
                     runner["runner_id"].as_str().unwrap_or("?"),
+                    runner["node"].as_str().unwrap_or("-"),
                     runner["pid"].to_string(),
                     runner["state"]["state"].as_str().unwrap_or("?"),
                     runner["exit"].as_str().unwrap_or("-"),

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod client;
 pub mod logging;
 pub mod mesh;
+pub mod netns;
 pub mod node;
 pub mod openai;

@@ -558,6 +558,18 @@ impl Mesh {
         }
     }
 
+    /// One control-plane round trip to `node`'s command handler.
+    pub async fn ping(&self, node: &str) -> Result<Duration, String> {
+        let start = std::time::Instant::now();
+        match self
+            .call(node, &Request::Ping, self.command_timeout())
+            .await?
+        {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(format!("node {node} answered {other:?} to a ping")),
+        }
+    }
+
     pub async fn leave(&self) {
         self.cluster.leave().await;
     }

@@ -62,6 +62,38 @@ async fn pipeline_over_three_nodes_serves_through_any_node_and_shuts_down_quietl
     assert_eq!(distinct.len(), 3, "one rank per node: {placed:?}");
     assert_eq!(runner_pids(&id).len(), 3);
 
+    // `inspect` on node 2 shows the whole cluster: every node alive, the
+    // instance its coordinator announced, and the runner node 2 hosts.
+    // (announcements follow changes within about 100 ms).
+    let text = watchdog(
+        "inspect showing the instance ready",
+        Duration::from_secs(5),
+        async {
+            loop {
+                let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardvisor"))
+                    .args(["inspect", "--node", &nodes[1].base])
+                    .output()
+                    .await
+                    .expect("inspect");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(out.status.success(), "{text}");
+                if text.contains(&format!("{id} (ready)")) {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    for node_id in &ids {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(node_id.as_str()) && l.contains("true")),
+            "inspect lacks live node {node_id}:\n{text}"
+        );
+    }
+    assert!(text.contains(&format!("{id} (ready)")), "{text}");
+    assert!(text.contains(&format!("coordinator {}", ids[0])), "{text}");
     // Node 2 learns of the instance from node 1's announcement.
     let seen = nodes[1].wait_knows(&id).await;
     assert_eq!(state_name(&seen["state"]), "ready", "{seen}");

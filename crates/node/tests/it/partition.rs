@@ -4,9 +4,9 @@
 //! again and a new instance spans them. Needs root (network namespaces):
 //! without it the test says so and passes without running.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use node::netns::Netns;
 use serde_json::json;
 
 use crate::harness::{
@@ -14,88 +14,6 @@ use crate::harness::{
 };
 
 const LEASE_MS: u64 = 1000;
-
-/// A network namespace joined to this one by a veth pair, removed on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-    host_ip: String,
-    ns_ip: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root: network namespaces need CAP_SYS_ADMIN".into());
-        }
-        let tag = std::process::id() % 100_000;
-        let subnet = 1 + std::process::id() % 250;
-        let ns = Netns {
-            name: format!("svp{tag}"),
-            host_if: format!("sva{tag}"),
-            host_ip: format!("10.213.{subnet}.1"),
-            ns_ip: format!("10.213.{subnet}.2"),
-        };
-        let peer_if = format!("svb{tag}");
-        ip(&["netns", "add", &ns.name])?;
-        ip(&[
-            "link",
-            "add",
-            &ns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer_if,
-        ])?;
-        ip(&["link", "set", &peer_if, "netns", &ns.name])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", ns.host_ip),
-            "dev",
-            &ns.host_if,
-        ])?;
-        ip(&["link", "set", &ns.host_if, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &ns.name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all)
-        };
-        inside(&["addr", "add", &format!("{}/30", ns.ns_ip), "dev", &peer_if])?;
-        inside(&["link", "set", &peer_if, "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn set_link(&self, up: bool) {
-        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]).expect("set link");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_tears_down_both_sides_and_the_healed_cluster_serves_again() {
@@ -157,7 +75,7 @@ async fn a_partition_tears_down_both_sides_and_the_healed_cluster_serves_again()
     stream.next_data().await.expect("sse").expect("first chunk");
     stream.next_data().await.expect("sse").expect("a token");
     let cut_at = Instant::now();
-    net.set_link(false);
+    net.set_link(false).expect("cut the link");
     let chat = watchdog(
         "the chat failing",
         Duration::from_secs(10),
@@ -197,7 +115,7 @@ async fn a_partition_tears_down_both_sides_and_the_healed_cluster_serves_again()
         "node B stopped its runner itself"
     );
 
-    net.set_link(true);
+    net.set_link(true).expect("restore the link");
     watchdog("the cluster healing", Duration::from_secs(30), async {
         a.wait_cluster(2).await;
         b.wait_cluster(2).await;

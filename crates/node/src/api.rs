@@ -126,7 +126,38 @@ async fn proxy(
     match crate::client::send(method, &url, body).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
-            Ok(Response::from_parts(parts, axum::body::Body::new(body)))
+            let sse = parts
+                .headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            if !sse {
+                return Ok(Response::from_parts(parts, axum::body::Body::new(body)));
+            }
+            // A stream cut by the coordinator's loss ends with an error
+            // event, as a runner failure does, not with a silent stop.
+            let api = api.to_string();
+            let data = http_body_util::BodyExt::into_data_stream(body);
+            let events = futures_util::StreamExt::scan(data, false, move |failed, chunk| {
+                let item = match (*failed, chunk) {
+                    (true, _) => None,
+                    (false, Ok(bytes)) => Some(Ok::<_, Infallible>(bytes)),
+                    (false, Err(e)) => {
+                        *failed = true;
+                        let message = format!(
+                            "the coordinating node at {api} stopped answering mid-stream: {e}"
+                        );
+                        let body =
+                            serde_json::to_string(&ErrorBody::new("unavailable_error", message))
+                                .unwrap_or_default();
+                        Some(Ok(Bytes::from(format!("data: {body}\n\n"))))
+                    }
+                };
+                std::future::ready(item)
+            });
+            Ok(Response::from_parts(
+                parts,
+                axum::body::Body::from_stream(events),
+            ))
         }
         Err(e) => Err(ApiError(
             StatusCode::BAD_GATEWAY,

@@ -261,9 +261,28 @@ async fn killing_the_coordinator_stops_its_runners_on_every_node() {
     )
     .await;
     assert_eq!(runner_pids(&id).len(), 3);
+    // A client streaming through node 2 when the coordinator dies.
+    nodes[1].wait_knows(&id).await;
+    let mut stream = nodes[1].chat(&id, "a long story", 960, true).await;
+    assert_eq!(stream.status, 200);
+    first_chunk_task_id(&mut stream).await;
+    stream.next_data().await.expect("sse").expect("a token");
     let killed_at = Instant::now();
     nodes[0].signal(libc::SIGKILL);
     let took = wait_no_runners(&id, Duration::from_secs(10)).await;
+    let chat = watchdog(
+        "the chat ending",
+        Duration::from_secs(10),
+        read_chat(stream),
+    )
+    .await;
+    assert!(chat.finish_reasons.is_empty(), "{chat:?}");
+    assert_eq!(chat.errors.len(), 1, "{chat:?}");
+    assert!(
+        chat.errors[0].contains("coordinating node") && chat.errors[0].contains("mid-stream"),
+        "{}",
+        chat.errors[0]
+    );
     eprintln!("coordinator killed: remote runners gone after {took:?}");
     assert!(
         took <= Duration::from_millis(LEASE_MS + 1000),

@@ -27,8 +27,15 @@ const DEFAULT_MAX_TOKENS: u32 = 64;
 /// Largest completion a request may ask for.
 const MAX_TOKENS_LIMIT: u32 = 32_768;
 
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
+/// `fault_injection` adds `POST /fault/stall` (tests of a wedged node).
+pub fn router(node: Arc<Node>, fault_injection: bool) -> Router {
+    let router = Router::new();
+    let router = if fault_injection {
+        router.route("/fault/stall", post(stall))
+    } else {
+        router
+    };
+    router
         .route("/health", get(health))
         .route("/state", get(state))
         .route("/instance", post(create_instance))
@@ -94,6 +101,29 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         ErrorBody::new("not_found_error", "no such endpoint"),
     )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stall {
+    ms: u64,
+}
+
+/// Fault injection: blocks every worker thread of the node's runtime for
+/// `ms` (at most a minute), as a wedged supervisor would be. zenoh runs on
+/// its own threads, so the node's cluster token stays alive meanwhile: only
+/// the pings find out.
+async fn stall(body: Bytes) -> Result<Response, ApiError> {
+    let req: Stall = parse_json(&body, "POST /fault/stall")?;
+    let stall = Duration::from_millis(req.ms.min(60_000));
+    tracing::info!(
+        ms = stall.as_millis() as u64,
+        "fault injection: stalling the runtime"
+    );
+    for _ in 0..crate::cli::RUNTIME_WORKERS {
+        tokio::spawn(async move { std::thread::sleep(stall) });
+    }
+    Ok(Json(serde_json::json!({"stalled_ms": stall.as_millis() as u64})).into_response())
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// to the first peer).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// Enable fault-injection endpoints (`POST /fault/stall`), for tests.
+    #[arg(long, hide = true)]
+    pub fault_injection: bool,
 }
 
 impl ServeArgs {
@@ -274,9 +277,12 @@ pub fn main(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// Worker threads of the node's runtime.
+pub const RUNTIME_WORKERS: usize = 2;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(RUNTIME_WORKERS)
         .enable_all()
         .build()?)
 }
@@ -337,7 +343,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_node.leave_cluster().await;
         let _ = stopped_tx.send(());
     });
-    let app = crate::api::router(node);
+    let app = crate::api::router(node, args.fault_injection);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped_rx.await;
     });

@@ -444,3 +444,62 @@ async fn twenty_cycles_across_three_nodes_are_quiet() {
         assert_eq!(node.cluster().await["hosted"], json!([]));
     }
 }
+
+/// A liveliness token proves a connection, not a working node: a node whose
+/// runtime is wedged (its zenoh threads keep its token alive) stops
+/// answering pings and is treated as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_answering_pings_is_lost_though_its_token_lives() {
+    let model = tiny_model("cluster-ping");
+    let ports: Vec<u16> = (0..2).map(|_| crate::harness::free_port()).collect();
+    let first = TestNode::start_with(
+        &crate::harness::fresh_dir("cluster-ping-0"),
+        false,
+        &crate::harness::cluster_args(ports[0], None, LEASE_MS),
+    );
+    let mut args = crate::harness::cluster_args(ports[1], Some(ports[0]), LEASE_MS);
+    args.push("--fault-injection".into());
+    let wedged = TestNode::start_with(&crate::harness::fresh_dir("cluster-ping-1"), false, &args);
+    first.wait_cluster(2).await;
+    wedged.wait_cluster(2).await;
+    let ids = [first.node_id().await, wedged.node_id().await];
+    let mut body = json!({
+        "model": model, "runners": 2, "node_ids": ids, "weights": "f32",
+        "restart": {"max_restarts": 0},
+    });
+    body["timeouts"] = fast_timeouts();
+    let id = create_ready(&first, body).await;
+
+    // The stall request itself is answered only after the stall.
+    let base = wedged.base.clone();
+    let stall = tokio::spawn(async move {
+        node::client::request(
+            "POST",
+            &format!("{base}/fault/stall"),
+            Some(r#"{"ms": 6000}"#.into()),
+        )
+        .await
+    });
+    let failed = first
+        .wait_state(&id, &["failed"], Duration::from_secs(10))
+        .await;
+    let message = failed["failure"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains(&format!("node {} lost: its ping failed", ids[1])),
+        "{message}"
+    );
+    // ... while node 1 still sees node 2's token.
+    let cluster = first.cluster().await;
+    let member = cluster["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|m| m["id"] == ids[1].as_str()).cloned())
+        .expect("node 2 listed");
+    assert_eq!(member["alive"], true, "{cluster}");
+    // Once it runs again, node 2 learns that its runner's coordinator no
+    // longer knows it, and stops it.
+    let _ = stall.await;
+    wait_no_runners(&id, Duration::from_secs(10)).await;
+}

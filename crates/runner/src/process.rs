@@ -82,6 +82,9 @@ pub fn run(args: RunnerArgs) -> i32 {
     runtime.block_on(main_loop(args))
 }
 
+/// Cancels of not-yet-seen tasks remembered at most.
+const EARLY_CANCELS: usize = 64;
+
 /// Why a task's cancel flag was raised.
 const CANCEL_NONE: u8 = 0;
 const CANCEL_CLIENT: u8 = 1;
@@ -272,6 +275,11 @@ struct Runner {
     engine: Option<std::sync::mpsc::Sender<EngineCmd>>,
     engine_thread: Option<EngineThread>,
     tasks: HashMap<String, Arc<AtomicU8>>,
+    /// Cancels that arrived before their task: control frames overtake
+    /// data, so a cancel sent right after its task can be read first. The
+    /// most recent [`EARLY_CANCELS`] are kept and applied when the task
+    /// arrives.
+    early_cancels: std::collections::VecDeque<String>,
     fault: Option<FaultSpec>,
     /// Set by `ignore_sigterm`: only pings are answered from then on.
     stalled: bool,
@@ -391,7 +399,15 @@ impl Runner {
             }
             ToRunner::Task(request) => {
                 tracing::debug!(task = %request.task_id, trace = %request.trace_id, "task admitted");
-                let cancel = Arc::new(AtomicU8::new(CANCEL_NONE));
+                let early = self
+                    .early_cancels
+                    .iter()
+                    .position(|t| *t == request.task_id);
+                let flag = match early.and_then(|i| self.early_cancels.remove(i)) {
+                    Some(_) => CANCEL_CLIENT,
+                    None => CANCEL_NONE,
+                };
+                let cancel = Arc::new(AtomicU8::new(flag));
                 self.tasks.insert(request.task_id.clone(), cancel.clone());
                 let n = self.tasks.len() as u32;
                 self.set_state(RunnerState::Running { tasks: n }).await;
@@ -634,6 +650,7 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         engine: Some(cmd_tx),
         engine_thread: None,
         tasks: HashMap::new(),
+        early_cancels: std::collections::VecDeque::new(),
         fault: None,
         stalled: false,
         slow_drain: None,
@@ -694,11 +711,17 @@ async fn main_loop(args: RunnerArgs) -> i32 {
                     let _ = runner.tx.send_control(Control::Pong { seq }).await;
                 }
                 Incoming::Control(_) | Incoming::Data(_) if runner.stalled => {}
-                Incoming::Control(Control::Cancel { task_id }) => {
-                    if let Some(flag) = runner.tasks.get(&task_id) {
+                Incoming::Control(Control::Cancel { task_id }) => match runner.tasks.get(&task_id) {
+                    Some(flag) => {
                         let _ = flag.compare_exchange(CANCEL_NONE, CANCEL_CLIENT, Ordering::AcqRel, Ordering::Acquire);
                     }
-                }
+                    None => {
+                        if runner.early_cancels.len() == EARLY_CANCELS {
+                            runner.early_cancels.pop_front();
+                        }
+                        runner.early_cancels.push_back(task_id);
+                    }
+                },
                 Incoming::Control(Control::Shutdown { mode, deadline_ms }) => {
                     runner.begin_shutdown(mode, Duration::from_millis(deadline_ms)).await;
                 }

@@ -1,6 +1,6 @@
 //! A real runner process driven directly over its channel: out-of-state
 //! messages get error replies, never a crash; a broken node channel makes it
-//! exit by itself.
+//! exit by itself; a cancel that overtakes its task still cancels it.
 
 use std::time::Duration;
 
@@ -167,6 +167,66 @@ async fn runner_exits_by_itself_when_the_node_channel_breaks() {
         ])
         .await
         .unwrap();
+    let exit = watchdog("exit", LIMIT, runner.process.wait()).await;
+    assert_eq!(exit, ExitCause::Code(2));
+}
+
+/// Control frames overtake data: a cancel sent right after its task can
+/// reach the runner first. It is kept and applied when the task arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_overtakes_its_task_still_cancels_it() {
+    let spawner = Spawner::start(tokio::runtime::Handle::current()).unwrap();
+    let (mut runner, stream) = spawn_runner(&spawner).await;
+    let (tx, mut rx) =
+        ipc::channel::<ToRunner, FromRunner, _>(stream, ChannelConfig::named("test->runner"));
+    let mut wait_state = async |want: RunnerState| loop {
+        if next_message(&mut rx).await == FromRunner::Status(want.clone()) {
+            return;
+        }
+    };
+    wait_state(RunnerState::Idle).await;
+    tx.send(ToRunner::Connect {
+        peers: vec![],
+        deadline_ms: 1000,
+    })
+    .await
+    .unwrap();
+    wait_state(RunnerState::Connected).await;
+    tx.send(ToRunner::Load).await.unwrap();
+    wait_state(RunnerState::Loaded).await;
+    tx.send(ToRunner::WarmUp).await.unwrap();
+    wait_state(RunnerState::Ready).await;
+
+    tx.send_control(Control::Cancel {
+        task_id: "overtaken".into(),
+    })
+    .await
+    .unwrap();
+    tx.send(task("overtaken")).await.unwrap();
+    let outcome = loop {
+        if let FromRunner::TaskDone { task_id, outcome } = next_message(&mut rx).await {
+            assert_eq!(task_id, "overtaken");
+            break outcome;
+        }
+    };
+    assert!(
+        matches!(outcome, TaskOutcome::Cancelled { .. }),
+        "{outcome:?}"
+    );
+    // Other tasks are not affected.
+    tx.send(task("next")).await.unwrap();
+    let outcome = loop {
+        if let FromRunner::TaskDone { task_id, outcome } = next_message(&mut rx).await {
+            assert_eq!(task_id, "next");
+            break outcome;
+        }
+    };
+    assert!(
+        matches!(outcome, TaskOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    // The node going away: the runner exits by itself.
+    drop((tx, rx));
     let exit = watchdog("exit", LIMIT, runner.process.wait()).await;
     assert_eq!(exit, ExitCause::Code(2));
 }

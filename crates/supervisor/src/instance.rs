@@ -575,21 +575,47 @@ impl Actor {
         self.connect_sent = false;
         self.state = InstanceState::Starting;
         let now = Instant::now();
-        for rank in 0..n {
-            let runner_id = format!("{}/{rank}", self.spec.instance_id);
-            let spec = RunnerSpec {
+        let specs: Vec<RunnerSpec> = (0..n)
+            .map(|rank| RunnerSpec {
                 instance_id: self.spec.instance_id.clone(),
-                runner_id: runner_id.clone(),
+                runner_id: format!("{}/{rank}", self.spec.instance_id),
                 rank,
                 world_size: n,
                 engine_config: self.spec.engine_config.clone(),
                 program: self.spec.program.clone(),
                 heartbeat: self.heartbeat(),
                 extra_env: self.spec.runner_env.clone(),
-            };
-            let node = self.spec.placement.get(rank as usize).cloned().flatten();
-            let spawned = match (&node, &self.ctx.remote) {
-                (None, _) => RunnerHandle::spawn(
+            })
+            .collect();
+        // Ranks on other nodes start at once, all together (each costs a
+        // command round trip); local ones one after another.
+        let mut remote: Vec<Option<tokio::task::JoinHandle<Result<_, String>>>> = specs
+            .iter()
+            .enumerate()
+            .map(|(rank, spec)| {
+                let node = self.spec.placement.get(rank).cloned().flatten()?;
+                let spawner = self.ctx.remote.as_ref()?;
+                let timeout = ms(self.spec.timeouts.spawn_ms);
+                Some(tokio::spawn(spawner.spawn(
+                    node,
+                    spec.clone(),
+                    events_tx.clone(),
+                    timeout,
+                )))
+            })
+            .collect();
+        // Every rank gets its slot before the first failure is acted on, so
+        // the teardown stops whatever did start.
+        let mut first_failure = None;
+        for (rank, spec) in specs.into_iter().enumerate() {
+            let runner_id = spec.runner_id.clone();
+            let node = self.spec.placement.get(rank).cloned().flatten();
+            let spawned = match (remote[rank].take(), &node) {
+                (Some(join), _) => match join.await {
+                    Ok(result) => result.map(Link::Remote),
+                    Err(e) => Err(format!("the spawn task failed: {e}")),
+                },
+                (None, None) => RunnerHandle::spawn(
                     &self.ctx.spawner,
                     &self.ctx.state_dir,
                     spec,
@@ -598,16 +624,7 @@ impl Actor {
                 .await
                 .map(Link::Local)
                 .map_err(|e| e.to_string()),
-                (Some(node), Some(remote)) => remote
-                    .spawn(
-                        node.clone(),
-                        spec,
-                        events_tx.clone(),
-                        ms(self.spec.timeouts.spawn_ms),
-                    )
-                    .await
-                    .map(Link::Remote),
-                (Some(node), None) => Err(format!(
+                (None, Some(node)) => Err(format!(
                     "placed on node {node}, but this node is not part of a cluster"
                 )),
             };
@@ -649,10 +666,12 @@ impl Actor {
                         channel: None,
                         data_addr: None,
                     });
-                    self.fail(rank as usize, Phase::Spawning, cause).await;
-                    return;
+                    first_failure.get_or_insert((rank, cause));
                 }
             }
+        }
+        if let Some((rank, cause)) = first_failure {
+            self.fail(rank, Phase::Spawning, cause).await;
         }
     }
 

@@ -503,3 +503,44 @@ async fn a_node_that_stops_answering_pings_is_lost_though_its_token_lives() {
     let _ = stall.await;
     wait_no_runners(&id, Duration::from_secs(10)).await;
 }
+
+/// A rank that cannot be started on its node (here: that node's state dir
+/// cannot hold runner files) fails the instance in `spawning`, naming the
+/// node's reason, and the ranks that did start on the other nodes are
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_cannot_start_on_its_node_fails_the_instance_and_stops_the_rest() {
+    let model = tiny_model("cluster-spawn");
+    let nodes = start_cluster("cluster-spawn", 3, LEASE_MS).await;
+    let ids: Vec<String> = futures_util::future::join_all(nodes.iter().map(|n| n.node_id())).await;
+    let runners_dir = nodes[2].state_dir.join("runners");
+    std::fs::remove_dir_all(&runners_dir).expect("remove runners dir");
+    std::fs::write(&runners_dir, b"not a directory").expect("block runners dir");
+    let mut body =
+        json!({"model": model, "runners": 3, "node_ids": ids, "restart": {"max_restarts": 0}});
+    body["timeouts"] = fast_timeouts();
+    let id = nodes[0].create(body).await;
+    let v = nodes[0].wait_state(&id, &["ready", "failed"], LONG).await;
+    assert_eq!(state_name(&v["state"]), "failed", "{v}");
+    let message = v["failure"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "runner {id}/2 (rank 2) failed in phase spawning: could not spawn: node {}",
+            ids[2]
+        )),
+        "{message}"
+    );
+    wait_no_runners(&id, Duration::from_secs(10)).await;
+    // Every rank's end is recorded: the two that started were stopped.
+    watchdog("every rank ended", Duration::from_secs(10), async {
+        loop {
+            let v = nodes[0].instance(&id).await;
+            let runners = v["runners"].as_array().cloned().unwrap_or_default();
+            if runners.len() == 3 && runners.iter().all(|r| r["exit"].is_string()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}

@@ -53,6 +53,16 @@ async fn next_message(rx: &mut ipc::Receiver<FromRunner>) -> FromRunner {
     }
 }
 
+/// The outcome of the next finished task, which must be `id`.
+async fn task_done(rx: &mut ipc::Receiver<FromRunner>, id: &str) -> TaskOutcome {
+    loop {
+        if let FromRunner::TaskDone { task_id, outcome } = next_message(rx).await {
+            assert_eq!(task_id, id);
+            return outcome;
+        }
+    }
+}
+
 fn task(id: &str) -> ToRunner {
     ToRunner::Task(TaskRequest::user(id, "t", "a b", 2))
 }
@@ -203,24 +213,14 @@ async fn a_cancel_that_overtakes_its_task_still_cancels_it() {
     .await
     .unwrap();
     tx.send(task("overtaken")).await.unwrap();
-    let outcome = loop {
-        if let FromRunner::TaskDone { task_id, outcome } = next_message(&mut rx).await {
-            assert_eq!(task_id, "overtaken");
-            break outcome;
-        }
-    };
+    let outcome = task_done(&mut rx, "overtaken").await;
     assert!(
         matches!(outcome, TaskOutcome::Cancelled { .. }),
         "{outcome:?}"
     );
     // Other tasks are not affected.
     tx.send(task("next")).await.unwrap();
-    let outcome = loop {
-        if let FromRunner::TaskDone { task_id, outcome } = next_message(&mut rx).await {
-            assert_eq!(task_id, "next");
-            break outcome;
-        }
-    };
+    let outcome = task_done(&mut rx, "next").await;
     assert!(
         matches!(outcome, TaskOutcome::Completed { .. }),
         "{outcome:?}"

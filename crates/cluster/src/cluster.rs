@@ -1,11 +1,13 @@
 //! [`Cluster`]: one node's membership in the shardvisor cluster.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use zenoh::liveliness::LivelinessToken;
@@ -25,6 +27,10 @@ use crate::{keys, ClusterConfig, ClusterError, CommandError, NodeIdentity, NodeI
 /// after 10 s).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(12);
 /// Timeout of the liveliness query used to reconcile membership.
+/// Membership inputs (token changes, infos) waiting for the membership task.
+/// zenoh callbacks cannot wait: when it is full they drop the input and flag
+/// the overflow, and the task then re-reads the live tokens.
+const INPUT_CAPACITY: usize = 1024;
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Extra time [`Cluster::command`] waits beyond the command timeout for zenoh's own timeout
 /// reply, before giving up by itself.
@@ -134,6 +140,14 @@ impl Drop for Inner {
     }
 }
 
+/// The membership task's input queue: bounded (`INPUT_CAPACITY`); the
+/// callbacks set `overflow` when they had to drop an input.
+struct InputQueue {
+    rx: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    overflow: Arc<AtomicBool>,
+}
+
 /// Inputs of the membership task.
 enum Input {
     Token {
@@ -179,7 +193,8 @@ impl Cluster {
             last_info: Mutex::new(None),
         });
         // On error, `inner` is dropped and the session closed by `Inner::drop`.
-        let (input_tx, input_rx) = mpsc::unbounded_channel();
+        let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
+        let overflow = Arc::new(AtomicBool::new(false));
         let state = MembershipState::new(identity.clone());
         let (members_tx, members_rx) = watch::channel(state.members().clone());
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
@@ -190,6 +205,7 @@ impl Cluster {
         // node seen alive can be commanded.
         let token_sub = {
             let tx = input_tx.clone();
+            let overflow = overflow.clone();
             session
                 .liveliness()
                 .declare_subscriber(keys::ALL_NODE_TOKENS)
@@ -198,11 +214,14 @@ impl Cluster {
                     if let Some((id, incarnation)) =
                         keys::parse_node_token(sample.key_expr().as_str())
                     {
-                        let _ = tx.send(Input::Token {
+                        let token = Input::Token {
                             kind: sample.kind(),
                             id: id.to_owned(),
                             incarnation,
-                        });
+                        };
+                        if let Err(TrySendError::Full(_)) = tx.try_send(token) {
+                            overflow.store(true, Ordering::Release);
+                        }
                     }
                 })
                 .await
@@ -210,11 +229,14 @@ impl Cluster {
         };
         let info_sub = {
             let tx = input_tx.clone();
+            let overflow = overflow.clone();
             session
                 .declare_subscriber(keys::ALL_INFOS)
                 .callback(move |sample: Sample| {
                     if let Some(info) = decode_info(&sample) {
-                        let _ = tx.send(Input::Info(info));
+                        if let Err(TrySendError::Full(_)) = tx.try_send(Input::Info(info)) {
+                            overflow.store(true, Ordering::Release);
+                        }
                     }
                 })
                 .await
@@ -239,8 +261,11 @@ impl Cluster {
 
         runtime.spawn(run_membership(
             state,
-            input_rx,
-            input_tx,
+            InputQueue {
+                rx: input_rx,
+                tx: input_tx,
+                overflow,
+            },
             Arc::downgrade(&inner),
             members_tx,
             events_tx.clone(),
@@ -534,8 +559,7 @@ fn decode_info(sample: &Sample) -> Option<NodeInfo> {
 /// [`MembershipState::reconcile`]), and at most one get runs at a time.
 async fn run_membership(
     mut state: MembershipState,
-    mut inputs: mpsc::UnboundedReceiver<Input>,
-    input_tx: mpsc::UnboundedSender<Input>,
+    mut queue: InputQueue,
     inner: Weak<Inner>,
     members_tx: watch::Sender<Membership>,
     events_tx: broadcast::Sender<MemberEvent>,
@@ -545,11 +569,21 @@ async fn run_membership(
     let mut reconciling = false;
     let mut reconcile_again = false;
     loop {
+        if queue.overflow.swap(false, Ordering::AcqRel) {
+            // Inputs were dropped: the live tokens are read again, and the
+            // infos come back with their next publication.
+            debug!(id = %me, "membership inputs overflowed: reconciling");
+            if reconciling {
+                reconcile_again = true;
+            } else {
+                reconciling = start_reconcile(&inner, state.seq(), &queue.tx);
+            }
+        }
         let input = tokio::select! {
             biased;
             // The flag only ever goes false -> true; an error means the Cluster is gone.
             _ = shutdown.changed() => break,
-            input = inputs.recv() => match input {
+            input = queue.rx.recv() => match input {
                 Some(input) => input,
                 None => break,
             },
@@ -576,7 +610,7 @@ async fn run_membership(
                 let outcome = state.reconcile(started, &tokens);
                 if reconcile_again {
                     reconcile_again = false;
-                    reconciling = start_reconcile(&inner, state.seq(), &input_tx);
+                    reconciling = start_reconcile(&inner, state.seq(), &queue.tx);
                 }
                 outcome
             }
@@ -603,14 +637,14 @@ async fn run_membership(
         if reconciling {
             reconcile_again = true;
         } else {
-            reconciling = start_reconcile(&inner, state.seq(), &input_tx);
+            reconciling = start_reconcile(&inner, state.seq(), &queue.tx);
         }
     }
     debug!(id = %me, "membership task stopped");
 }
 
 /// Starts a reconciliation query; false if the cluster is gone.
-fn start_reconcile(inner: &Weak<Inner>, started: u64, tx: &mpsc::UnboundedSender<Input>) -> bool {
+fn start_reconcile(inner: &Weak<Inner>, started: u64, tx: &mpsc::Sender<Input>) -> bool {
     let Some(inner) = inner.upgrade() else {
         return false;
     };
@@ -618,7 +652,7 @@ fn start_reconcile(inner: &Weak<Inner>, started: u64, tx: &mpsc::UnboundedSender
     tokio::spawn(async move {
         let tokens = inner.live_tokens().await;
         drop(inner);
-        let _ = tx.send(Input::Reconciled { started, tokens });
+        let _ = tx.send(Input::Reconciled { started, tokens }).await;
     });
     true
 }

@@ -353,31 +353,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    if let BenchWhat::Cluster {
-        rounds,
-        model,
-        lease_ms,
-    } = args.what
-    {
-        if !model.exists() {
-            eprintln!(
-                "{} is missing (scripts/fetch-model.sh): the decode comparison is skipped",
-                model.display()
-            );
-        }
-        let options = crate::bench::cluster::ClusterBench {
-            rounds,
-            model: model.exists().then_some(model),
-            lease_ms,
-        };
-        return crate::bench::cluster::run(&options).await;
-    }
+/// Runs `f` on an embedded node in a temporary state dir, removed after.
+async fn on_embedded_node(
+    f: impl AsyncFnOnce(&Arc<Node>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("shardvisor-bench-{}", std::process::id()));
     let node = Node::start(&dir, program()?)?;
-    let result = match args.what {
-        BenchWhat::Lifecycle { iterations } => crate::bench::lifecycle(&node, iterations).await,
-        BenchWhat::Cycles { n } => crate::bench::cycles(&node, n).await,
+    let result = f(&node).await;
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        BenchWhat::Lifecycle { iterations } => {
+            on_embedded_node(async |node| crate::bench::lifecycle(node, iterations).await).await
+        }
+        BenchWhat::Cycles { n } => {
+            on_embedded_node(async |node| crate::bench::cycles(node, n).await).await
+        }
         BenchWhat::Model {
             model,
             runs,
@@ -394,13 +389,27 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 threads,
                 json,
             };
-            crate::bench::model(&node, &options).await
+            on_embedded_node(async |node| crate::bench::model(node, &options).await).await
         }
-        BenchWhat::Cluster { .. } => unreachable!("handled above"),
-    };
-    drop(node);
-    let _ = std::fs::remove_dir_all(dir);
-    result
+        BenchWhat::Cluster {
+            rounds,
+            model,
+            lease_ms,
+        } => {
+            if !model.exists() {
+                eprintln!(
+                    "{} is missing (scripts/fetch-model.sh): the decode comparison is skipped",
+                    model.display()
+                );
+            }
+            let options = crate::bench::cluster::ClusterBench {
+                rounds,
+                model: model.exists().then_some(model),
+                lease_ms,
+            };
+            crate::bench::cluster::run(&options).await
+        }
+    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<i32> {

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -60,7 +61,7 @@ enum Request {
     Events {
         link: String,
         events: Vec<WireEvent>,
-        stats: Option<ChannelStats>,
+        stats: ChannelStats,
         stderr_tail: Vec<String>,
     },
 }
@@ -102,7 +103,18 @@ struct Hosted {
     ops: mpsc::Sender<RemoteOp>,
     handle: Arc<RunnerHandle>,
     /// Its coordinator is gone: its events have nowhere to go.
-    orphaned: std::sync::atomic::AtomicBool,
+    orphaned: AtomicBool,
+}
+
+impl Hosted {
+    /// The coordinator is lost or unreachable, or no longer knows the
+    /// runner: stop it. No runner serves without its coordinator.
+    fn orphan(&self, why: &str) {
+        if !self.orphaned.swap(true, Ordering::AcqRel) {
+            tracing::info!(runner = %self.handle.runner_id, coordinator = %self.coordinator, %why, "coordinator lost: stopping the runner");
+        }
+        self.handle.request_terminate(true, ORPHAN_GRACE);
+    }
 }
 
 pub struct Mesh {
@@ -248,9 +260,7 @@ impl Mesh {
                 if entry.node != from {
                     return Err(format!("link {link} is not hosted by node {from}"));
                 }
-                if let Some(stats) = stats {
-                    entry.shared.update(stats, stderr_tail);
-                }
+                entry.shared.update(stats, stderr_tail);
                 let mut sender = entry.events.lock().await;
                 let Some(tx) = sender.as_ref() else {
                     return Ok(Response::UnknownLink);
@@ -306,42 +316,34 @@ impl Mesh {
         let pid = handle.pid;
         let handle = Arc::new(handle);
         let (ops_tx, ops_rx) = mpsc::channel(BATCH);
-        lock(&self.hosted).insert(
-            link.clone(),
-            Arc::new(Hosted {
-                coordinator: from.clone(),
-                coordinator_incarnation,
-                pid,
-                ops: ops_tx,
-                handle: handle.clone(),
-                orphaned: std::sync::atomic::AtomicBool::new(false),
-            }),
-        );
+        let hosted = Arc::new(Hosted {
+            coordinator: from.clone(),
+            coordinator_incarnation,
+            pid,
+            ops: ops_tx,
+            handle: handle.clone(),
+            orphaned: AtomicBool::new(false),
+        });
+        lock(&self.hosted).insert(link.clone(), hosted.clone());
         tracing::info!(runner = %runner_id, pid, coordinator = %from, "runner started for another node");
-        tokio::spawn(apply_ops(handle.clone(), ops_rx));
-        tokio::spawn(self.clone().uplink(link, from, handle, events_rx));
+        tokio::spawn(apply_ops(handle, ops_rx));
+        tokio::spawn(self.clone().uplink(link, hosted, events_rx));
         Ok(Response::Spawned { pid })
     }
 
     /// Relays a hosted runner's events to its coordinator, in order, until
     /// its exit. A coordinator that cannot be reached or no longer knows the
-    /// runner gets it stopped: no runner serves without its coordinator.
+    /// runner gets it stopped; an orphan's events have nowhere to go, but its
+    /// exit is still reported (a coordinator that missed one batch then
+    /// learns the runner is gone instead of waiting for it).
     async fn uplink(
         self: Arc<Self>,
         link: String,
-        coordinator: String,
-        handle: Arc<RunnerHandle>,
+        hosted: Arc<Hosted>,
         mut events: mpsc::Receiver<(u32, RunnerEvent)>,
     ) {
-        let mut orphaned = false;
-        let hosted = lock(&self.hosted).get(&link).cloned();
-        let is_orphan = || {
-            hosted
-                .as_ref()
-                .is_some_and(|h| h.orphaned.load(std::sync::atomic::Ordering::Relaxed))
-        };
+        let handle = &hosted.handle;
         while let Some((_, first)) = events.recv().await {
-            orphaned |= is_orphan();
             let mut batch = vec![WireEvent::from(first)];
             while batch.len() < BATCH {
                 match events.try_recv() {
@@ -350,22 +352,25 @@ impl Mesh {
                 }
             }
             let exited = batch.iter().any(WireEvent::is_exit);
-            if !orphaned {
+            if hosted.orphaned.load(Ordering::Acquire) {
+                batch.retain(WireEvent::is_exit);
+            }
+            if !batch.is_empty() {
                 let tokens_only = batch
                     .iter()
                     .all(|e| matches!(e, WireEvent::Message(ipc::proto::FromRunner::Token { .. })));
                 let req = Request::Events {
                     link: link.clone(),
                     events: batch,
-                    stats: Some(handle.channel_stats()),
+                    stats: handle.channel_stats(),
                     stderr_tail: if tokens_only {
                         Vec::new()
                     } else {
                         handle.stderr_tail(5)
                     },
                 };
-                let outcome = self.call(&coordinator, &req, self.command_timeout()).await;
-                let why = match outcome {
+                let coordinator = &hosted.coordinator;
+                let why = match self.call(coordinator, &req, self.command_timeout()).await {
                     Ok(Response::Ack) => None,
                     Ok(Response::UnknownLink) => {
                         Some(format!("node {coordinator} no longer knows it"))
@@ -373,12 +378,8 @@ impl Mesh {
                     Ok(other) => Some(format!("unexpected answer {other:?}")),
                     Err(e) => Some(e),
                 };
-                if let Some(why) = why {
-                    if !exited {
-                        tracing::info!(runner = %handle.runner_id, %why, "coordinator unreachable: stopping the runner");
-                        handle.request_terminate(true, ORPHAN_GRACE);
-                    }
-                    orphaned = true;
+                if let (Some(why), false) = (why, exited) {
+                    hosted.orphan(&why);
                 }
             }
             if exited {
@@ -399,9 +400,7 @@ impl Mesh {
             .cloned()
             .collect();
         for h in hosted {
-            h.orphaned.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(runner = %h.handle.runner_id, coordinator = %node, %why, "coordinator lost: stopping the runner");
-            h.handle.request_terminate(true, ORPHAN_GRACE);
+            h.orphan(why);
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::loader::WeightFormat;
@@ -213,11 +213,19 @@ fn spread(chosen: &[String], runners: usize, me: &str) -> Vec<Option<String>> {
     placement
 }
 
-/// Free memory, then cores, of a member (most first when sorted descending).
-fn capacity(m: &cluster::Member) -> (u64, u32) {
-    m.info
-        .as_ref()
-        .map_or((0, 0), |i| (i.mem_free_bytes, i.cores))
+/// The live members not in `skip`, most free memory first, then most cores.
+fn by_capacity(members: &cluster::Membership, skip: &[String]) -> Vec<String> {
+    let capacity = |m: &cluster::Member| {
+        m.info
+            .as_ref()
+            .map_or((0, 0), |i| (i.mem_free_bytes, i.cores))
+    };
+    let mut live: Vec<&cluster::Member> = members
+        .values()
+        .filter(|m| m.alive && !skip.contains(&m.id))
+        .collect();
+    live.sort_by(|a, b| capacity(b).cmp(&capacity(a)).then(a.id.cmp(&b.id)));
+    live.into_iter().map(|m| m.id.clone()).collect()
 }
 
 /// Re-placement for restarts: the same number of nodes, keeping those still
@@ -238,17 +246,9 @@ fn replacer(mesh: &Arc<Mesh>) -> supervisor::instance::Replace {
         }
         let want = chosen.len();
         chosen.retain(|id| members.get(id).is_some_and(|m| m.alive));
-        let mut others: Vec<&cluster::Member> = members
-            .values()
-            .filter(|m| m.alive && !chosen.contains(&m.id))
-            .collect();
-        others.sort_by(|a, b| capacity(b).cmp(&capacity(a)).then(a.id.cmp(&b.id)));
-        for m in others {
-            if chosen.len() >= want {
-                break;
-            }
-            chosen.push(m.id.clone());
-        }
+        let missing = want - chosen.len();
+        let others = by_capacity(&members, &chosen);
+        chosen.extend(others.into_iter().take(missing));
         Ok(spread(&chosen, last.len(), &me))
     })
 }
@@ -339,8 +339,6 @@ pub struct Node {
     deleted: Mutex<std::collections::VecDeque<InstanceView>>,
     runner_env: Vec<(String, String)>,
     mesh: Option<Arc<Mesh>>,
-    /// Where the API listens, as other nodes reach it.
-    api_addr: OnceLock<String>,
 }
 
 impl Node {
@@ -405,7 +403,6 @@ impl Node {
         }
         Ok(Arc::new(Node {
             mesh,
-            api_addr: OnceLock::new(),
             ctx,
             program,
             sweep,
@@ -622,10 +619,17 @@ impl Node {
 
     /// Which node each rank runs on (empty: all on this node).
     fn place(&self, req: &CreateInstance) -> Result<Vec<Option<String>>, NodeError> {
-        if req.nodes.is_none() && req.node_ids.is_none() {
-            return Ok(Vec::new());
-        }
         let bad = |m: String| Err(NodeError::BadRequest(m));
+        enum Wanted<'a> {
+            Count(u32),
+            Ids(&'a [String]),
+        }
+        let wanted = match (req.nodes, &req.node_ids) {
+            (None, None) => return Ok(Vec::new()),
+            (Some(_), Some(_)) => return bad("give nodes or node_ids, not both".into()),
+            (Some(n), None) => Wanted::Count(n),
+            (None, Some(ids)) => Wanted::Ids(ids),
+        };
         let Some(mesh) = &self.mesh else {
             return bad("nodes and node_ids need a cluster: start the node with --cluster-listen (and --peer to join others)".into());
         };
@@ -639,9 +643,8 @@ impl Node {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let chosen: Vec<String> = match (req.nodes, &req.node_ids) {
-            (Some(_), Some(_)) => return bad("give nodes or node_ids, not both".into()),
-            (Some(n), None) => {
+        let chosen: Vec<String> = match wanted {
+            Wanted::Count(n) => {
                 if n == 0 || n as usize > alive.len() {
                     return bad(format!(
                         "nodes must be between 1 and the {} live nodes ({}), got {n}",
@@ -651,15 +654,12 @@ impl Node {
                 }
                 // This node first (it streams rank 0's tokens), then the
                 // others with the most free memory, then the most cores.
-                let mut others: Vec<&cluster::Member> =
-                    alive.iter().copied().filter(|m| m.id != me).collect();
-                others.sort_by(|a, b| capacity(b).cmp(&capacity(a)).then(a.id.cmp(&b.id)));
-                std::iter::once(me.clone())
-                    .chain(others.iter().map(|m| m.id.clone()))
-                    .take(n as usize)
-                    .collect()
+                let mut chosen = vec![me.clone()];
+                chosen.extend(by_capacity(&members, &chosen));
+                chosen.truncate(n as usize);
+                chosen
             }
-            (None, Some(ids)) => {
+            Wanted::Ids(ids) => {
                 if ids.is_empty() {
                     return bad("node_ids must name at least one node".into());
                 }
@@ -674,9 +674,8 @@ impl Node {
                         ));
                     }
                 }
-                ids.clone()
+                ids.to_vec()
             }
-            (None, None) => unreachable!("checked above"),
         };
         let runners = req.runners as usize;
         if runners < chosen.len() {
@@ -715,20 +714,16 @@ impl Node {
         let Some(mesh) = self.mesh.clone() else {
             return;
         };
-        let _ = self.api_addr.set(api_addr);
         let node = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut last: Option<(Vec<cluster::InstanceBrief>, u32)> = None;
             let mut last_at = std::time::Instant::now();
             loop {
                 let Some(node) = node.upgrade() else { return };
-                let briefs = node.briefs();
-                let runners = node.runners_here();
+                let (briefs, runners) = node.announcement(mesh.id());
                 let changed = last.as_ref() != Some(&(briefs.clone(), runners));
                 if changed || last_at.elapsed() >= Duration::from_secs(5) {
-                    let mut info = mesh
-                        .cluster()
-                        .local_node_info(node.api_addr.get().cloned().unwrap_or_default(), runners);
+                    let mut info = mesh.cluster().local_node_info(api_addr.clone(), runners);
                     info.instances = briefs.clone();
                     if let Err(e) = mesh.cluster().publish_info(&info).await {
                         tracing::debug!(error = %e, "publishing node info failed");
@@ -742,41 +737,35 @@ impl Node {
         });
     }
 
-    fn briefs(&self) -> Vec<cluster::InstanceBrief> {
-        let me = self.mesh.as_ref().map(|m| m.id().to_string());
-        self.instances()
+    /// What this node announces: the instances it coordinates, and how
+    /// many runner processes it runs (its own ranks and those it hosts).
+    fn announcement(&self, me: &str) -> (Vec<cluster::InstanceBrief>, u32) {
+        let mut runners = self.mesh.as_ref().map_or(0, |m| m.hosted_count());
+        let briefs = self
+            .instances()
             .values()
             .map(|h| {
                 let v = h.view();
+                let nodes: Vec<String> = v
+                    .runners
+                    .iter()
+                    .map(|r| r.node.clone().unwrap_or_else(|| me.to_string()))
+                    .collect();
+                runners += v
+                    .runners
+                    .iter()
+                    .zip(&nodes)
+                    .filter(|(r, node)| r.exit.is_none() && *node == me)
+                    .count();
                 cluster::InstanceBrief {
                     instance_id: v.instance_id,
                     model: v.model,
                     state: v.state.name().to_string(),
-                    nodes: v
-                        .runners
-                        .iter()
-                        .map(|r| r.node.clone().or(me.clone()).unwrap_or_default())
-                        .collect(),
+                    nodes,
                 }
             })
-            .collect()
-    }
-
-    /// Runner processes alive on this node.
-    fn runners_here(&self) -> u32 {
-        let me = self.mesh.as_ref().map(|m| m.id().to_string());
-        let own: usize = self
-            .instances()
-            .values()
-            .map(|h| {
-                h.view()
-                    .runners
-                    .iter()
-                    .filter(|r| r.exit.is_none() && r.node == me)
-                    .count()
-            })
-            .sum();
-        (own + self.mesh.as_ref().map_or(0, |m| m.hosted_count())) as u32
+            .collect();
+        (briefs, runners as u32)
     }
 
     /// The API address of the node coordinating instance (or serving model)

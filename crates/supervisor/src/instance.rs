@@ -490,10 +490,6 @@ struct Actor {
     pending_failure: Option<(usize, Phase, String, Instant)>,
 }
 
-/// After a node loss, how long the instance's other runners get between
-/// SIGTERM and SIGKILL.
-const NODE_LOST_GRACE: Duration = Duration::from_millis(300);
-
 /// How long a lost-link report waits for the peer's own exit.
 const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
 
@@ -587,13 +583,16 @@ impl Actor {
                 extra_env: self.spec.runner_env.clone(),
             })
             .collect();
+        let nodes: Vec<Option<String>> = (0..n as usize)
+            .map(|rank| self.spec.placement.get(rank).cloned().flatten())
+            .collect();
         // Ranks on other nodes start at once, all together (each costs a
         // command round trip); local ones one after another.
         let mut remote: Vec<Option<tokio::task::JoinHandle<Result<_, String>>>> = specs
             .iter()
-            .enumerate()
-            .map(|(rank, spec)| {
-                let node = self.spec.placement.get(rank).cloned().flatten()?;
+            .zip(&nodes)
+            .map(|(spec, node)| {
+                let node = node.clone()?;
                 let spawner = self.ctx.remote.as_ref()?;
                 let timeout = ms(self.spec.timeouts.spawn_ms);
                 Some(tokio::spawn(spawner.spawn(
@@ -607,9 +606,8 @@ impl Actor {
         // Every rank gets its slot before the first failure is acted on, so
         // the teardown stops whatever did start.
         let mut first_failure = None;
-        for (rank, spec) in specs.into_iter().enumerate() {
+        for ((rank, spec), node) in specs.into_iter().enumerate().zip(nodes) {
             let runner_id = spec.runner_id.clone();
-            let node = self.spec.placement.get(rank).cloned().flatten();
             let spawned = match (remote[rank].take(), &node) {
                 (Some(join), _) => match join.await {
                     Ok(result) => result.map(Link::Remote),
@@ -1117,16 +1115,7 @@ impl Actor {
             // A runner ended while the instance was starting or serving.
             self.fail(rank, phase, what.clone()).await;
         }
-        if cause == ExitCause::NodeLost {
-            // The other runners' data-plane links to the lost node may be
-            // silent (a partition, not a crash): they cannot finish anything
-            // and would only sit out the drain deadline. Stop them now.
-            for slot in &self.slots {
-                if let (false, Some(handle)) = (slot.exited(), &slot.handle) {
-                    handle.request_terminate(true, NODE_LOST_GRACE);
-                }
-            }
-        }
+
         // Tasks that were waiting only for this runner are now decided.
         let waiting: Vec<String> = self
             .tasks
@@ -1150,9 +1139,15 @@ impl Actor {
         }
         if let Some(teardown) = &mut self.teardown {
             let detail = format!("failed in phase {phase}: {what}");
-            let actions = teardown
+            let mut actions = teardown
                 .coordinator
                 .on_exited(rank, cause, stop, Some(detail), now);
+            if cause == ExitCause::NodeLost {
+                // The other runners' data-plane links to the lost node may
+                // be silent (a partition, not a crash): they cannot finish
+                // anything and would only sit out the drain deadline.
+                actions.extend(teardown.coordinator.stop_all(&what, now));
+            }
             self.perform(actions).await;
         }
         self.slots[rank].handle = None;

@@ -221,6 +221,17 @@ impl ShutdownCoordinator {
         actions
     }
 
+    /// The runners cannot finish (a node of the instance was lost: their
+    /// data-plane links to it may be silent): stop every runner still alive
+    /// now, without waiting for the phase deadlines.
+    pub fn stop_all(&mut self, why: &str, now: Instant) -> Vec<Action> {
+        let mut actions: Vec<Action> = (0..self.runners.len())
+            .flat_map(|rank| self.escalate(rank, true, why))
+            .collect();
+        actions.extend(self.advance(now, false));
+        actions
+    }
+
     /// A runner's process was reaped. `detail` says what went wrong when
     /// it did not stop by itself after ending its stream (hung, crashed).
     pub fn on_exited(
@@ -439,6 +450,27 @@ mod tests {
         );
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert!(r.phases[0].timed_out && r.phases[1].timed_out);
+    }
+
+    #[test]
+    fn stop_all_escalates_every_live_runner_once() {
+        let t = Instant::now();
+        let mut c = coordinator(3, t);
+        c.on_exited(1, ExitCause::NodeLost, None, None, t);
+        let term = |rank| Action::Terminate {
+            rank,
+            term_first: true,
+        };
+        assert_eq!(c.stop_all("node n-1 lost", t), vec![term(0), term(2)]);
+        assert!(c.stop_all("node n-1 lost", t).is_empty());
+        assert!(c.on_timeout(t + Duration::from_secs(60)).is_empty());
+        assert_eq!(
+            c.report_mut().escalations,
+            [
+                "runner i/0: SIGTERM, then SIGKILL after the grace period (node n-1 lost)",
+                "runner i/2: SIGTERM, then SIGKILL after the grace period (node n-1 lost)"
+            ]
+        );
     }
 
     #[test]

@@ -414,8 +414,6 @@ fn validate_key(key: &str) -> Result<(), StateDirError> {
     Ok(())
 }
 
-/// Takes an exclusive flock without blocking; `Ok(false)` when another open
-/// file description holds it.
 /// Opens (creating) a lock file and takes its exclusive flock; `None` when
 /// someone else holds it.
 fn open_locked(path: &Path) -> Result<Option<File>, StateDirError> {
@@ -430,6 +428,8 @@ fn open_locked(path: &Path) -> Result<Option<File>, StateDirError> {
     Ok(locked.then_some(file))
 }
 
+/// Takes an exclusive flock without blocking; `Ok(false)` when another open
+/// file description holds it.
 fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock only operates on the descriptor, which `file` keeps open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    create_ready, fast_timeouts, first_chunk_task_id, read_chat, runner_pids, start_cluster,
-    state_name, tiny_model, wait_no_runners, watchdog, TestNode,
+    create_ready, fast_timeouts, read_chat, runner_pids, start_cluster, state_name, tiny_model,
+    wait_no_runners, watchdog, TestNode,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -180,12 +180,8 @@ async fn killing_a_node_mid_stream_fails_the_chat_naming_it() {
     let id = create_ready(&nodes[0], body).await;
     nodes[1].wait_knows(&id).await;
 
-    // The tiny model's context is 1024 tokens.
-    let mut stream = nodes[1].chat(&id, "a long story", 960, true).await;
-    assert_eq!(stream.status, 200);
-    first_chunk_task_id(&mut stream).await;
     // Tokens are flowing through all three nodes.
-    stream.next_data().await.expect("sse").expect("a token");
+    let stream = nodes[1].streaming_chat(&id).await;
 
     let killed_at = Instant::now();
     nodes[2].signal(libc::SIGKILL);
@@ -263,10 +259,7 @@ async fn killing_the_coordinator_stops_its_runners_on_every_node() {
     assert_eq!(runner_pids(&id).len(), 3);
     // A client streaming through node 2 when the coordinator dies.
     nodes[1].wait_knows(&id).await;
-    let mut stream = nodes[1].chat(&id, "a long story", 960, true).await;
-    assert_eq!(stream.status, 200);
-    first_chunk_task_id(&mut stream).await;
-    stream.next_data().await.expect("sse").expect("a token");
+    let stream = nodes[1].streaming_chat(&id).await;
     let killed_at = Instant::now();
     nodes[0].signal(libc::SIGKILL);
     let took = wait_no_runners(&id, Duration::from_secs(10)).await;

@@ -467,6 +467,16 @@ impl TestNode {
         .await
     }
 
+    /// A long streamed chat (960 tokens, most of the tiny model's context)
+    /// on `id`, returned once its first token arrived.
+    pub async fn streaming_chat(&self, id: &str) -> node::client::LineStream {
+        let mut stream = self.chat(id, "a long story", 960, true).await;
+        assert_eq!(stream.status, 200);
+        first_chunk_task_id(&mut stream).await;
+        stream.next_data().await.expect("sse").expect("a token");
+        stream
+    }
+
     /// Waits until this node knows instance `id` (its own, or announced by
     /// its coordinator), answering `GET /instance/{id}`.
     pub async fn wait_knows(&self, id: &str) -> Value {

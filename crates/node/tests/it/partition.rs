@@ -70,10 +70,7 @@ async fn a_partition_tears_down_both_sides_and_the_healed_cluster_serves_again()
     assert_eq!(state_name(&v["state"]), "ready", "{v}");
     assert_eq!(runner_pids(&id).len(), 2);
 
-    let mut stream = a.chat(&id, "across the wire", 960, true).await;
-    assert_eq!(stream.status, 200);
-    stream.next_data().await.expect("sse").expect("first chunk");
-    stream.next_data().await.expect("sse").expect("a token");
+    let stream = a.streaming_chat(&id).await;
     let cut_at = Instant::now();
     net.set_link(false).expect("cut the link");
     let chat = watchdog(

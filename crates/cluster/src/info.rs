@@ -28,7 +28,10 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceBrief {
     pub instance_id: String,
+    /// What the instance was created from (a path, or `scripted`).
     pub model: String,
+    /// The name clients call its model by.
+    pub model_name: String,
     /// `starting`, `ready`, `failed`, ...
     pub state: String,
     /// The node of each rank.

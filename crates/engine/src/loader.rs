@@ -93,6 +93,39 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     }
 }
 
+/// The config and the name users call the model by: GGUF `general.name`
+/// when the file has one, else the file's stem or the directory's name.
+pub fn read_config_and_name(path: &Path) -> Result<(ModelConfig, String)> {
+    let fallback = || {
+        let name = if path.is_dir() {
+            path.file_name()
+        } else {
+            path.file_stem()
+        };
+        name.map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string())
+    };
+    match detect(path)? {
+        ModelKind::HfDir => Ok((
+            ModelConfig::from_hf_json(&path.join("config.json"))?,
+            fallback(),
+        )),
+        ModelKind::Gguf => {
+            let (content, _) = read_gguf_header(path)?;
+            let config = ModelConfig::from_gguf(&content, path)?;
+            let name = crate::gguf_meta::GgufMeta::new(&content.metadata)
+                .opt_str("general.name")
+                .ok()
+                .flatten()
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .unwrap_or_else(fallback);
+            Ok((config, name))
+        }
+    }
+}
+
 /// Loads the part of the model that `spec` describes. `progress(done, total)`
 /// is called once per decoder layer loaded, `total` being the shard's layer
 /// count.

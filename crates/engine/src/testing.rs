@@ -46,18 +46,36 @@ impl Rng {
     }
 }
 
-/// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh`, if it is there;
-/// otherwise prints why a test that needs it is skipped.
+/// Set (to `1`) where everything the tests need is installed, as CI does:
+/// a test that would skip for a missing model, Python oracle or privilege
+/// then fails instead.
+pub const REQUIRE_VAR: &str = "SHARDVISOR_REQUIRE_MODEL";
+
+/// A test cannot run here: prints why and returns, or panics when
+/// [`REQUIRE_VAR`] says it must run.
+pub fn skip(reason: &str) {
+    if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_VAR}=1 but this test cannot run: {reason}");
+    }
+    println!("skipped: {reason}");
+    eprintln!("skipped: {reason}");
+}
+
+/// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh`
+/// (`$SHARDVISOR_MODELS` or the workspace's `models/`), if it is there;
+/// otherwise says why a test that needs it is skipped (see [`skip`]).
 pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = std::env::var_os("SHARDVISOR_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.exists() {
         Some(path)
     } else {
-        println!(
-            "skipped: {} is missing (run scripts/fetch-model.sh)",
+        skip(&format!(
+            "{} is missing (run scripts/fetch-model.sh)",
             path.display()
-        );
+        ));
         None
     }
 }

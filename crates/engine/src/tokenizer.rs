@@ -711,6 +711,15 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes one id decodes to (empty outside the vocabulary): a piece
+    /// of UTF-8 that may stop mid-character.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.id_to_bytes
+            .get(id as usize)
+            .map(|b| b.as_slice())
+            .unwrap_or(&[])
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.token_to_id.get(token).copied()
     }

@@ -17,26 +17,9 @@ use engine::chat::{ChatMessage, ChatTemplate};
 use engine::tokenizer::Tokenizer;
 use proptest::prelude::*;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Where the model is: `$SHARDVISOR_MODELS` or the workspace's `models/`,
-/// as `scripts/fetch-model.sh` puts it.
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SHARDVISOR_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    dir.join(MODEL_FILE)
-}
-
 fn read_content() -> Option<Content> {
-    let path = model_path();
-    if !path.exists() {
-        eprintln!(
-            "skipping: {} is missing; run scripts/fetch-model.sh",
-            path.display()
-        );
-        return None;
-    }
+    // Skips (or fails where the model is required) with the reason.
+    let path: PathBuf = engine::testing::smollm2_gguf()?;
     let mut file = std::fs::File::open(&path).expect("open model");
     Some(Content::read(&mut file).expect("read gguf metadata"))
 }

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Blob;
+
 // Wire enums are externally tagged: postcard cannot decode internally
 // tagged (`#[serde(tag = ..)]`) enums, which need `deserialize_any`.
 
@@ -34,12 +36,26 @@ pub struct TaskRequest {
     pub task_id: String,
     /// Joins log lines of every process that touches the task.
     pub trace_id: String,
-    /// The conversation, rendered by the model's chat template on the runner.
-    pub messages: Vec<ChatTurn>,
-    pub max_tokens: u32,
+    /// What the model continues.
+    pub input: TaskInput,
+    /// Tokens to generate at most; 0 generates nothing (a text completion
+    /// that only echoes its prompt). `None`: until the end of the turn,
+    /// bounded by what the context leaves after the prompt.
+    pub max_tokens: Option<u32>,
     pub sampling: Sampling,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
+}
+
+/// The prompt of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskInput {
+    /// A conversation, rendered by the model's chat template on the runner.
+    Chat(Vec<ChatTurn>),
+    /// Raw text, tokenized as is (a text completion: no chat template).
+    Text(String),
+    /// Token ids, fed as they are.
+    Tokens(Vec<u32>),
 }
 
 impl TaskRequest {
@@ -48,26 +64,34 @@ impl TaskRequest {
         TaskRequest {
             task_id: task_id.into(),
             trace_id: trace_id.into(),
-            messages: vec![ChatTurn {
+            input: TaskInput::Chat(vec![ChatTurn {
                 role: "user".into(),
                 content: text.into(),
-            }],
-            max_tokens,
+            }]),
+            max_tokens: Some(max_tokens),
             sampling: Sampling::default(),
             stop: Vec::new(),
         }
     }
 
-    /// The last user message (the whole prompt for engines without a chat
-    /// template).
-    pub fn last_user_text(&self) -> &str {
-        self.messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .or(self.messages.last())
-            .map(|m| m.content.as_str())
-            .unwrap_or("")
+    /// The last user message, or the text of a text completion (the whole
+    /// prompt for engines without a chat template).
+    pub fn last_user_text(&self) -> String {
+        match &self.input {
+            TaskInput::Chat(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .or(messages.last())
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+            TaskInput::Text(text) => text.clone(),
+            TaskInput::Tokens(ids) => ids
+                .iter()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
     }
 }
 
@@ -85,6 +109,16 @@ pub struct Sampling {
     /// 0 = no top-k cut.
     pub top_k: u32,
     pub seed: u64,
+    /// OpenAI's penalties, in `[-2, 2]`: a token's logit is lowered by
+    /// `frequency_penalty × count + presence_penalty × (count > 0)`, where
+    /// `count` is how often the task generated it so far.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each generated token's log-probability and the `n` most
+    /// likely alternatives (`Some(0)`: the token's alone).
+    pub logprobs: Option<u8>,
 }
 
 impl Default for Sampling {
@@ -94,8 +128,24 @@ impl Default for Sampling {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
+}
+
+/// A generated token's log-probability under the model (log-softmax of its
+/// logits, before temperature, penalties and bias), with its most likely
+/// alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's bytes (a piece of UTF-8 text, or part of a character).
+    pub bytes: Blob,
+    pub logprob: f32,
+    /// Most likely first, as many as asked.
+    pub top: Vec<(Blob, f32)>,
 }
 
 /// Runner → node, in order on the data lane.
@@ -107,10 +157,26 @@ pub enum FromRunner {
         data_addr: Option<String>,
     },
     Status(RunnerState),
+    /// The runner took the task: its prompt is tokenized, fits the
+    /// context, and prefill begins.
+    TaskStarted {
+        task_id: String,
+        prompt_tokens: u32,
+    },
+    /// A chunk of the prompt was processed (long prompts are prefilled in
+    /// chunks, each reported, so that a long prompt is never taken for a
+    /// stall).
+    TaskProgress {
+        task_id: String,
+        prompt_done: u32,
+        prompt_total: u32,
+    },
     Token {
         task_id: String,
         index: u32,
         text: String,
+        /// One per token the text covers, when the task asked for them.
+        logprobs: Vec<TokenLogprob>,
     },
     TaskDone {
         task_id: String,
@@ -233,6 +299,24 @@ pub enum TaskOutcome {
     Failed {
         cause: String,
     },
+    /// The request cannot be served as asked (the client's fault, not the
+    /// runner's): nothing was generated.
+    Invalid {
+        code: InvalidTask,
+        message: String,
+    },
+}
+
+/// Why a task was refused, typed so the API can answer with the right
+/// status and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidTask {
+    /// Prompt plus `max_tokens` exceed the model's context.
+    ContextLengthExceeded,
+    /// The prompt is empty, holds token ids outside the vocabulary, or the
+    /// chat template refused the conversation.
+    InvalidPrompt,
 }
 
 #[cfg(test)]
@@ -261,6 +345,20 @@ mod tests {
             task_id: "t".into(),
             index: 3,
             text: "hi ".into(),
+            logprobs: vec![TokenLogprob {
+                bytes: Blob(b"hi".to_vec()),
+                logprob: -0.5,
+                top: vec![(Blob(b"ho".to_vec()), -1.5)],
+            }],
+        });
+        msgs.push(FromRunner::TaskStarted {
+            task_id: "t".into(),
+            prompt_tokens: 7,
+        });
+        msgs.push(FromRunner::TaskProgress {
+            task_id: "t".into(),
+            prompt_done: 512,
+            prompt_total: 900,
         });
         for outcome in [
             TaskOutcome::Completed {
@@ -270,6 +368,10 @@ mod tests {
             },
             TaskOutcome::Cancelled { reason: "r".into() },
             TaskOutcome::Failed { cause: "c".into() },
+            TaskOutcome::Invalid {
+                code: InvalidTask::ContextLengthExceeded,
+                message: "m".into(),
+            },
         ] {
             msgs.push(FromRunner::TaskDone {
                 task_id: "t".into(),
@@ -298,6 +400,19 @@ mod tests {
             ToRunner::Load,
             ToRunner::WarmUp,
             ToRunner::Task(TaskRequest::user("t", "x", "p", 4)),
+            ToRunner::Task(TaskRequest {
+                input: TaskInput::Tokens(vec![1, 2]),
+                sampling: Sampling {
+                    logit_bias: vec![(3, -100.0)],
+                    logprobs: Some(2),
+                    ..Sampling::default()
+                },
+                ..TaskRequest::user("t", "x", "p", 0)
+            }),
+            ToRunner::Task(TaskRequest {
+                input: TaskInput::Text("once".into()),
+                ..TaskRequest::user("t", "x", "p", 0)
+            }),
         ];
         for msg in to {
             let bytes = encode_data(&msg, 1 << 20).unwrap();

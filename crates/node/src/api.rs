@@ -1,31 +1,36 @@
-//! The HTTP API (OpenAI-compatible chat plus instance management). Handlers
-//! only translate between HTTP and [`Node`] operations; every error leaves
-//! in OpenAI's error shape with a message that says what was wrong.
+//! The HTTP API (OpenAI-compatible chat and text completions plus instance
+//! management). Handlers only translate between HTTP and [`Node`]
+//! operations; every error leaves in OpenAI's error shape with a message
+//! that says what was wrong.
+//!
+//! Invariants:
+//! * Every answer with a status of 400 or more is a JSON body in OpenAI's
+//!   error shape, including the framework's own rejections (bad path
+//!   parameters, oversize bodies, wrong methods): `openai_errors` rewrites
+//!   any other error body on its way out.
+//! * Request bodies are bounded by [`MAX_BODY_BYTES`] before they are read.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{self, Stream};
-use ipc::proto::{ChatTurn, Sampling, TaskOutcome};
 use ipc::ShutdownMode;
 use serde::Deserialize;
-use supervisor::instance::{SubmitError, TaskEvent, TaskStream, TaskSubmit};
+use supervisor::instance::SubmitError;
 
-use crate::node::{CreateInstance, Node, NodeError};
-use crate::openai::{self, ChatRequest, ErrorBody, Usage};
+use crate::generate::{self, Kind};
+use crate::node::{Node, NodeError};
+use crate::openai::{ApiFailure, ChatRequest, CompletionRequest, ErrorBody, Plan};
 
-/// Default completion length when the request names none.
-const DEFAULT_MAX_TOKENS: u32 = 64;
-/// Largest completion a request may ask for.
-const MAX_TOKENS_LIMIT: u32 = 32_768;
+/// Largest request body read (a full 8k-token context is ~40 KB of text).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
 
 /// `fault_injection` adds `POST /fault/stall` (tests of a wedged node).
 pub fn router(node: Arc<Node>, fault_injection: bool) -> Router {
@@ -41,20 +46,34 @@ pub fn router(node: Arc<Node>, fault_injection: bool) -> Router {
         .route("/instance", post(create_instance))
         .route("/instance/{id}", get(get_instance).delete(delete_instance))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
         .route("/v1/cancel/{task_id}", post(cancel))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(openai_errors))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(node)
 }
 
 /// An API error: a status and an OpenAI-shaped body.
-pub struct ApiError(StatusCode, ErrorBody);
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub ErrorBody);
 
 impl ApiError {
     fn bad_request(message: impl Into<String>) -> Self {
         ApiError(
             StatusCode::BAD_REQUEST,
             ErrorBody::new("invalid_request_error", message),
+        )
+    }
+
+    /// A runner failed the task: a server error.
+    pub fn runner(cause: impl Into<String>) -> Self {
+        ApiError(
+            StatusCode::BAD_GATEWAY,
+            ErrorBody::new("server_error", cause).with_code("runner_failed"),
         )
     }
 }
@@ -65,14 +84,35 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<ApiFailure> for ApiError {
+    fn from(f: ApiFailure) -> Self {
+        let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError(status, f.body)
+    }
+}
+
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
-        let (status, kind) = match &e {
-            NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error"),
-            NodeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable_error"),
+        let (status, kind, code) = match &e {
+            NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", Some("not_found")),
+            NodeError::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            NodeError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                Some("model_not_ready"),
+            ),
         };
-        ApiError(status, ErrorBody::new(kind, e.to_string()))
+        let mut body = ErrorBody::new(kind, e.to_string());
+        body.error.code = code.map(String::from);
+        if matches!(e, NodeError::ModelNotFound(_)) {
+            body.error.param = Some("model".into());
+        }
+        ApiError(status, body)
     }
 }
 
@@ -80,26 +120,152 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            ErrorBody::new("unavailable_error", e.to_string()),
+            ErrorBody::new("unavailable_error", e.to_string()).with_code("model_not_ready"),
         )
     }
 }
 
-/// Parses a JSON body with an error that names the problem and its place.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid {what} body: {e} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
+/// The body, or an OpenAI-shaped error saying why it could not be read.
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        } else {
+            format!("cannot read the request body: {}", e.body_text())
+        };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError(
+            status,
+            ErrorBody::new("invalid_request_error", message).with_code(code),
+        )
     })
+}
+
+/// A path parameter, or a 400 saying what was wrong with it.
+fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(p)| p).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            ErrorBody::new(
+                "invalid_request_error",
+                format!("invalid path parameter: {}", e.body_text()),
+            )
+            .with_code("invalid_path"),
+        )
+    })
+}
+
+/// JSON bodies are read whatever their declared type (curl's `-d` says
+/// `application/x-www-form-urlencoded`), except types that cannot hold JSON.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let value = value.to_str().unwrap_or("").to_ascii_lowercase();
+    let mime = value.split(';').next().unwrap_or("").trim();
+    let json_like = mime.is_empty()
+        || mime == "application/json"
+        || mime.ends_with("+json")
+        || mime == "application/x-www-form-urlencoded"
+        || mime == "text/plain"
+        || mime == "*/*";
+    if json_like {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorBody::new(
+            "invalid_request_error",
+            format!("content type {mime:?} is not supported: send the body as application/json"),
+        )
+        .with_code("unsupported_media_type"),
+    ))
+}
+
+/// Parses a JSON body with an error that names the field (`param`) and
+/// the place of the problem.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| (e.path().to_string(), e.into_inner()))
+        .and_then(|v: T| de.end().map(|()| v).map_err(|e| (String::new(), e)));
+    parsed.map_err(|(path, inner)| {
+        let mut body = ErrorBody::new(
+            "invalid_request_error",
+            format!(
+                "invalid {what} body: {inner} (line {}, column {})",
+                inner.line(),
+                inner.column()
+            ),
+        );
+        if path != "." && !path.is_empty() {
+            body.error.param = Some(path);
+        }
+        body.error.code = Some(
+            if inner.is_syntax() || inner.is_eof() {
+                "invalid_json"
+            } else {
+                "invalid_type"
+            }
+            .into(),
+        );
+        ApiError(StatusCode::BAD_REQUEST, body)
+    })
+}
+
+/// Rewrites an error response whose body is not JSON (the framework's
+/// plain-text rejections) into OpenAI's shape, keeping its status and text.
+async fn openai_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase(),
+    };
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let mut response = (status, Json(ErrorBody::new(kind, text))).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorBody::new(
+            "invalid_request_error",
+            "this method is not allowed on this endpoint",
+        )
+        .with_code("method_not_allowed"),
+    )
 }
 
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        ErrorBody::new("not_found_error", "no such endpoint"),
+        ErrorBody::new("not_found_error", "no such endpoint").with_code("unknown_url"),
     )
 }
 
@@ -113,8 +279,8 @@ struct Stall {
 /// `ms` (at most a minute), as a wedged supervisor would be. zenoh runs on
 /// its own threads, so the node's cluster token stays alive meanwhile: only
 /// the pings find out.
-async fn stall(body: Bytes) -> Result<Response, ApiError> {
-    let req: Stall = parse_json(&body, "POST /fault/stall")?;
+async fn stall(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: Stall = parse_json(&body_of(body)?, "POST /fault/stall")?;
     let stall = Duration::from_millis(req.ms.min(60_000));
     tracing::info!(
         ms = stall.as_millis() as u64,
@@ -134,8 +300,13 @@ async fn state(State(node): State<Arc<Node>>) -> Json<crate::node::NodeState> {
     Json(node.state())
 }
 
-async fn create_instance(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CreateInstance = parse_json(&body, "POST /instance")?;
+async fn create_instance(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_content_type(&headers)?;
+    let req: crate::node::CreateInstance = parse_json(&body_of(body)?, "POST /instance")?;
     let handle = node.create_instance(req)?;
     Ok((
         StatusCode::CREATED,
@@ -176,9 +347,10 @@ async fn proxy(
                         let message = format!(
                             "the coordinating node at {api} stopped answering mid-stream: {e}"
                         );
-                        let body =
-                            serde_json::to_string(&ErrorBody::new("unavailable_error", message))
-                                .unwrap_or_default();
+                        let body = serde_json::to_string(
+                            &ErrorBody::new("server_error", message).with_code("node_lost"),
+                        )
+                        .unwrap_or_default();
                         Some(Ok(Bytes::from(format!("data: {body}\n\n"))))
                     }
                 };
@@ -192,17 +364,19 @@ async fn proxy(
         Err(e) => Err(ApiError(
             StatusCode::BAD_GATEWAY,
             ErrorBody::new(
-                "unavailable_error",
+                "server_error",
                 format!("the coordinating node at {api} did not answer: {e:#}"),
-            ),
+            )
+            .with_code("node_unreachable"),
         )),
     }
 }
 
 async fn get_instance(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let id = path_of(id)?;
     match node.instance_view(&id) {
         Ok(view) => Ok(Json(view).into_response()),
         Err(NodeError::NotFound(e)) => match node.remote_api(&id) {
@@ -222,9 +396,10 @@ struct DeleteParams {
 
 async fn delete_instance(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let id = path_of(id)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
     if node.instance(&id).is_err() {
         if let Some(api) = node.remote_api(&id) {
@@ -254,20 +429,81 @@ async fn delete_instance(
     Ok(Json(report).into_response())
 }
 
-async fn models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
-    let data: Vec<_> = node
+/// `/v1/models`: every ready instance under its model's name and under its
+/// id (a request's `model` may be either), this node's and, in a cluster,
+/// those other nodes coordinate. A name served twice is listed once.
+fn model_entries(node: &Node) -> Vec<serde_json::Value> {
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    let mut push = |id: &str, instance: &str, name: &str, context: Option<u32>| {
+        if entries.iter().any(|e| e["id"] == id) {
+            return;
+        }
+        entries.push(serde_json::json!({
+            "id": id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "shardvisor",
+            "root": name,
+            "instance_id": instance,
+            "max_model_len": context,
+        }));
+    };
+    let mut ready: Vec<_> = node
         .state()
         .instances
-        .iter()
-        .map(|i| serde_json::json!({"id": i.instance_id, "object": "model", "owned_by": i.model, "state": i.state.name()}))
+        .into_iter()
+        .filter(|i| i.state == supervisor::instance::InstanceState::Ready)
         .collect();
-    Json(serde_json::json!({"object": "list", "data": data}))
+    ready.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    for i in &ready {
+        push(
+            &i.model_name,
+            &i.instance_id,
+            &i.model_name,
+            i.context_length,
+        );
+        push(
+            &i.instance_id,
+            &i.instance_id,
+            &i.model_name,
+            i.context_length,
+        );
+    }
+    for b in node.remote_instances() {
+        if b.state == "ready" {
+            push(&b.model_name, &b.instance_id, &b.model_name, None);
+            push(&b.instance_id, &b.instance_id, &b.model_name, None);
+        }
+    }
+    entries
+}
+
+async fn models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"object": "list", "data": model_entries(&node)}))
+}
+
+async fn model(
+    State(node): State<Arc<Node>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_of(id)?;
+    model_entries(&node)
+        .into_iter()
+        .find(|e| e["id"] == id.as_str())
+        .map(|e| Json(e).into_response())
+        .ok_or_else(|| {
+            NodeError::ModelNotFound(format!(
+                "the model {id:?} does not exist: GET /v1/models lists the models served"
+            ))
+            .into()
+        })
 }
 
 async fn cancel(
     State(node): State<Arc<Node>>,
-    Path(task_id): Path<String>,
+    task_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let task_id = path_of(task_id)?;
     let not_found = || NodeError::NotFound(format!("no task {task_id:?} in flight on this node"));
     let Some(handle) = node.instance_of_task(&task_id) else {
         let instance = task_id.rsplit_once("-t").map(|(i, _)| i).unwrap_or("");
@@ -282,236 +518,80 @@ async fn cancel(
     Ok(Json(serde_json::json!({"task_id": task_id, "cancelled": true})).into_response())
 }
 
-fn sampling_of(req: &ChatRequest) -> Result<Sampling, ApiError> {
-    let temperature = req.temperature.unwrap_or(0.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(format!(
-            "temperature must be between 0 and 2, got {temperature}"
-        )));
-    }
-    let top_p = req.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!(
-            "top_p must be in (0, 1], got {top_p}"
-        )));
-    }
-    Ok(Sampling {
-        temperature: temperature as f32,
-        top_p: top_p as f32,
-        top_k: req.top_k.unwrap_or(0),
-        seed: req.seed.unwrap_or_else(|| fastrand::u64(..)),
-    })
-}
-
-/// OpenAI's `stop`: a string or up to 4 strings.
-fn stop_strings(stop: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || ApiError::bad_request("stop must be a string or an array of at most 4 strings");
-    match stop {
-        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
-        Some(serde_json::Value::String(s)) => Ok(vec![s.clone()]),
-        Some(serde_json::Value::Array(items)) if items.len() <= 4 => items
-            .iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(bad))
-            .collect(),
-        Some(_) => Err(bad()),
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-async fn chat(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_json(&body, "chat completion")?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request(
-            "messages must hold at least one message",
-        ));
-    }
-    let max_tokens = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
-        return Err(ApiError::bad_request(format!(
-            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
-        )));
-    }
-    let handle = match node.resolve(&req.model) {
-        Ok(handle) => handle,
-        Err(NodeError::NotFound(e)) => {
-            return match node.remote_api(&req.model) {
-                Some(api) => {
-                    let body = String::from_utf8_lossy(&body).into_owned();
-                    proxy(&api, "POST", "/v1/chat/completions", Some(body)).await
-                }
-                None => Err(NodeError::NotFound(e).into()),
-            }
+/// Resolves the request's model here, or forwards the raw request to the
+/// node that coordinates it; `Ok(Err(response))` is the forwarded answer.
+async fn resolve_or_proxy(
+    node: &Node,
+    model: &str,
+    path: &str,
+    body: &Bytes,
+) -> Result<Result<(supervisor::instance::InstanceHandle, String), Response>, ApiError> {
+    match node.resolve(model) {
+        Ok(handle) => {
+            let name = handle.view().model_name;
+            Ok(Ok((handle, name)))
         }
-        Err(e) => return Err(e.into()),
+        Err(NodeError::ModelNotFound(e)) => match node.remote_api(model) {
+            Some(api) => {
+                let body = String::from_utf8_lossy(body).into_owned();
+                Ok(Err(proxy(&api, "POST", path, Some(body)).await?))
+            }
+            None => Err(NodeError::ModelNotFound(e).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn serve_plan(
+    node: &Node,
+    plan: Result<Plan, ApiFailure>,
+    model: &str,
+    path: &str,
+    body: &Bytes,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let plan = plan?;
+    let (handle, name) = match resolve_or_proxy(node, model, path, body).await? {
+        Ok(found) => found,
+        Err(forwarded) => return Ok(forwarded),
     };
-    let sampling = sampling_of(&req)?;
-    let stop = stop_strings(req.stop.as_ref())?;
-    let messages = req
-        .messages
-        .iter()
-        .map(|m| ChatTurn {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect();
-    let trace_id = format!("{:016x}", fastrand::u64(..));
-    let task = handle
-        .submit(TaskSubmit {
-            messages,
-            max_tokens,
-            sampling,
-            stop,
-            trace_id,
-        })
-        .await?;
-    let model = handle.instance_id.clone();
-    if req.stream {
-        Ok(stream_response(task, model).into_response())
-    } else {
-        collect_response(task, model).await
-    }
+    generate::respond(&handle, plan, name, kind).await
 }
 
-async fn collect_response(mut task: TaskStream, model: String) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    while let Some(event) = task.next().await {
-        match event {
-            TaskEvent::Token(t) => text.push_str(&t),
-            TaskEvent::Done(outcome) => {
-                let (finish, usage) = match outcome {
-                    TaskOutcome::Completed {
-                        prompt_tokens,
-                        completion_tokens,
-                        finish_reason,
-                    } => (
-                        finish_reason,
-                        Usage {
-                            prompt_tokens,
-                            completion_tokens,
-                            total_tokens: prompt_tokens + completion_tokens,
-                        },
-                    ),
-                    TaskOutcome::Cancelled { .. } => (
-                        "cancelled".to_string(),
-                        Usage {
-                            prompt_tokens: 0,
-                            completion_tokens: 0,
-                            total_tokens: 0,
-                        },
-                    ),
-                    TaskOutcome::Failed { cause } => {
-                        return Err(ApiError(
-                            StatusCode::BAD_GATEWAY,
-                            ErrorBody::new("runner_error", cause),
-                        ))
-                    }
-                };
-                let id = format!("chatcmpl-{}", task.task_id);
-                let body = openai::completion_json(&id, &model, now_unix(), &text, &finish, usage);
-                return Ok(Json(body).into_response());
-            }
-        }
-    }
-    Err(ApiError(
-        StatusCode::BAD_GATEWAY,
-        ErrorBody::new("runner_error", "task ended without an outcome"),
-    ))
+async fn chat(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_content_type(&headers)?;
+    let body = body_of(body)?;
+    let req: ChatRequest = parse_json(&body, "chat completion")?;
+    serve_plan(
+        &node,
+        req.plan(),
+        &req.model,
+        "/v1/chat/completions",
+        &body,
+        Kind::Chat,
+    )
+    .await
 }
 
-enum StreamState {
-    Start(TaskStream),
-    Streaming(TaskStream),
-    Finished,
-}
-
-fn stream_response(
-    task: TaskStream,
-    model: String,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let created = now_unix();
-    let id = format!("chatcmpl-{}", task.task_id);
-    let events = stream::unfold(StreamState::Start(task), move |state| {
-        let id = id.clone();
-        let model = model.clone();
-        async move {
-            let data = |v: serde_json::Value| Event::default().data(v.to_string());
-            match state {
-                StreamState::Start(task) => {
-                    let role = serde_json::json!({"role": "assistant", "content": ""});
-                    let first = data(openai::chunk_json(&id, &model, created, role, None, None));
-                    Some((vec![first], StreamState::Streaming(task)))
-                }
-                StreamState::Streaming(mut task) => match task.next().await {
-                    Some(TaskEvent::Token(text)) => {
-                        let delta = serde_json::json!({"content": text});
-                        let chunk =
-                            data(openai::chunk_json(&id, &model, created, delta, None, None));
-                        Some((vec![chunk], StreamState::Streaming(task)))
-                    }
-                    Some(TaskEvent::Done(outcome)) => {
-                        let events = match outcome {
-                            TaskOutcome::Completed {
-                                prompt_tokens,
-                                completion_tokens,
-                                finish_reason,
-                            } => {
-                                let usage = Usage {
-                                    prompt_tokens,
-                                    completion_tokens,
-                                    total_tokens: prompt_tokens + completion_tokens,
-                                };
-                                let end = openai::chunk_json(
-                                    &id,
-                                    &model,
-                                    created,
-                                    serde_json::json!({}),
-                                    Some(&finish_reason),
-                                    Some(usage),
-                                );
-                                vec![data(end), Event::default().data("[DONE]")]
-                            }
-                            TaskOutcome::Cancelled { .. } => {
-                                let end = openai::chunk_json(
-                                    &id,
-                                    &model,
-                                    created,
-                                    serde_json::json!({}),
-                                    Some("cancelled"),
-                                    None,
-                                );
-                                vec![data(end), Event::default().data("[DONE]")]
-                            }
-                            TaskOutcome::Failed { cause } => {
-                                let body =
-                                    serde_json::to_value(ErrorBody::new("runner_error", cause))
-                                        .unwrap_or_default();
-                                vec![data(body)]
-                            }
-                        };
-                        Some((events, StreamState::Finished))
-                    }
-                    None => {
-                        let body = ErrorBody::new("runner_error", "task ended without an outcome");
-                        Some((
-                            vec![data(serde_json::to_value(body).unwrap_or_default())],
-                            StreamState::Finished,
-                        ))
-                    }
-                },
-                StreamState::Finished => None,
-            }
-        }
-    });
-    let flat =
-        futures_util::StreamExt::flat_map(events, |batch| stream::iter(batch.into_iter().map(Ok)));
-    Sse::new(flat)
+async fn completions(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_content_type(&headers)?;
+    let body = body_of(body)?;
+    let req: CompletionRequest = parse_json(&body, "text completion")?;
+    serve_plan(
+        &node,
+        req.plan(),
+        &req.model,
+        "/v1/completions",
+        &body,
+        Kind::Completion,
+    )
+    .await
 }

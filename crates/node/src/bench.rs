@@ -51,6 +51,7 @@ pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
         fault: None,
         nodes: None,
         node_ids: None,
+        prefill_chunk: None,
     }
 }
 
@@ -168,11 +169,11 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
         }
         let mut task = handle
             .submit(TaskSubmit {
-                messages: vec![ipc::proto::ChatTurn {
+                input: ipc::proto::TaskInput::Chat(vec![ipc::proto::ChatTurn {
                     role: "user".into(),
                     content: "cycle".into(),
-                }],
-                max_tokens: 3,
+                }]),
+                max_tokens: Some(3),
                 sampling: Default::default(),
                 stop: Vec::new(),
                 trace_id: format!("cycle-{i}"),
@@ -251,11 +252,11 @@ pub(crate) async fn timed_chat(
     let started = Instant::now();
     let mut task = handle
         .submit(TaskSubmit {
-            messages: vec![ipc::proto::ChatTurn {
+            input: ipc::proto::TaskInput::Chat(vec![ipc::proto::ChatTurn {
                 role: "user".into(),
                 content: "Write a long story about a dragon who learns to cook.".into(),
-            }],
-            max_tokens: 64,
+            }]),
+            max_tokens: Some(64),
             sampling: Default::default(),
             stop: Vec::new(),
             trace_id: format!("bench-{run}"),
@@ -266,7 +267,8 @@ pub(crate) async fn timed_chat(
     let (mut prompt_tokens, mut tokens) = (0u32, 0u32);
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Token(_) => {
+            TaskEvent::Started { .. } => {}
+            TaskEvent::Token { .. } => {
                 first.get_or_insert_with(Instant::now);
                 last = Instant::now();
             }

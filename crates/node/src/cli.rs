@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use engine::loader::WeightFormat;
-use ipc::proto::{ChatTurn, Sampling, TaskOutcome};
+use ipc::proto::{ChatTurn, Sampling, TaskInput, TaskOutcome};
 use ipc::ShutdownMode;
 use supervisor::instance::{TaskEvent, TaskSubmit};
 use supervisor::shutdown::ShutdownReport;
@@ -139,9 +139,11 @@ pub struct RunArgs {
     /// The prompt to answer.
     #[arg(default_value = "Hello from a model split across runner processes")]
     pub prompt: String,
-    /// `scripted`, a GGUF file or a Hugging Face model directory.
-    #[arg(long, default_value = "scripted")]
-    pub model: String,
+    /// `scripted`, a GGUF file or a Hugging Face model directory. Default:
+    /// the model `scripts/fetch-model.sh` fetched (`$SHARDVISOR_MODELS` or
+    /// `./models`), else `scripted`.
+    #[arg(long)]
+    pub model: Option<String>,
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
     /// Model files: `pipeline` (layers split across runners) or `tensor`.
@@ -151,7 +153,9 @@ pub struct RunArgs {
     /// or `q8_0` (default: q8_0, the fastest; f32 is exact).
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<WeightFormat>,
-    #[arg(long, default_value_t = 16)]
+    /// Generation ends at the end of the model's turn, or after this many
+    /// tokens.
+    #[arg(long, default_value_t = 512)]
     pub max_tokens: u32,
     /// Delay per scripted token.
     #[arg(long, default_value_t = 20)]
@@ -431,9 +435,33 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     result
 }
 
+/// The file `scripts/fetch-model.sh` writes.
+pub const FETCHED_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `run`'s model when `--model` names none: the fetched model if it is
+/// there, else the scripted engine (saying so).
+fn default_model() -> String {
+    let dir = std::env::var_os("SHARDVISOR_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"));
+    let path = dir.join(FETCHED_MODEL);
+    if path.is_file() {
+        return std::path::absolute(&path)
+            .unwrap_or(path)
+            .display()
+            .to_string();
+    }
+    eprintln!(
+        "no --model given and {} is missing (scripts/fetch-model.sh fetches it): running the scripted engine",
+        path.display()
+    );
+    "scripted".into()
+}
+
 async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let is_scripted = args.model == "scripted";
+    let model = args.model.clone().unwrap_or_else(default_model);
+    let is_scripted = model == "scripted";
     let scripted = is_scripted.then(|| runner::scripted::ScriptedConfig {
         token_delay_ms: args.token_delay_ms,
         ..Default::default()
@@ -445,7 +473,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         other => bail!("--sharding must be pipeline or tensor, got {other:?}"),
     };
     let request = CreateInstance {
-        model: args.model.clone(),
+        model: model.clone(),
         runners: args.runners,
         scripted,
         timeouts: None,
@@ -460,6 +488,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         fault: None,
         nodes: None,
         node_ids: None,
+        prefill_chunk: None,
     };
     let handle = node.create_instance(request)?;
     let mut err = std::io::stderr();
@@ -478,11 +507,11 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     )?;
     let mut task = handle
         .submit(TaskSubmit {
-            messages: vec![ChatTurn {
+            input: TaskInput::Chat(vec![ChatTurn {
                 role: "user".into(),
                 content: args.prompt.clone(),
-            }],
-            max_tokens: args.max_tokens,
+            }]),
+            max_tokens: Some(args.max_tokens),
             sampling: Sampling::default(),
             stop: Vec::new(),
             trace_id: "run".into(),
@@ -492,7 +521,8 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     let mut code = 0;
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Token(text) => {
+            TaskEvent::Started { .. } => {}
+            TaskEvent::Token { text, .. } => {
                 write!(out, "{text}")?;
                 out.flush()?;
             }
@@ -686,7 +716,7 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
                     runner["runner_id"].as_str().unwrap_or("?"),
                     runner["node"].as_str().unwrap_or("-"),
                     runner["pid"].to_string(),
-                    runner["state"]["state"].as_str().unwrap_or("?"),
+                    runner_state_name(&runner["state"]),
                     ch["state"].as_str().unwrap_or("-"),
                     ch["sent"].to_string(),
                     ch["received"].to_string(),
@@ -700,7 +730,7 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
                     runner["runner_id"].as_str().unwrap_or("?"),
                     runner["node"].as_str().unwrap_or("-"),
                     runner["pid"].to_string(),
-                    runner["state"]["state"].as_str().unwrap_or("?"),
+                    runner_state_name(&runner["state"]),
                     runner["exit"].as_str().unwrap_or("-"),
                 );
             }
@@ -718,4 +748,14 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
         .into_iter()
         .find(|w| w.name() == s)
         .ok_or_else(|| format!("{s:?} is not a weight format: use f32, gguf or q8_0"))
+}
+
+/// A runner state as `/state` serializes it: a bare name (`"ready"`) or a
+/// one-key object (`{"loading": {"done": 3, "total": 30}}`).
+fn runner_state_name(state: &serde_json::Value) -> &str {
+    match state {
+        serde_json::Value::String(name) => name,
+        serde_json::Value::Object(map) => map.keys().next().map_or("?", String::as_str),
+        _ => "?",
+    }
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod generate;
 pub mod logging;
 pub mod mesh;
 pub mod netns;

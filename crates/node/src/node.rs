@@ -73,6 +73,9 @@ pub struct CreateInstance {
     /// Spread the runners over exactly these nodes, in this order.
     #[serde(default)]
     pub node_ids: Option<Vec<String>>,
+    /// Prompt tokens per prefill step (model files; default 512).
+    #[serde(default)]
+    pub prefill_chunk: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -134,7 +137,8 @@ fn check_fault(fault: Option<&runner::fault::FaultSpec>, runners: u32) -> Result
 /// Checks a model instance against the model's own config: the path, the
 /// architecture, tensor degrees and layer ranges; picks balanced layer
 /// ranges when none are given.
-fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
+/// A model instance's engine arguments, its name and its context length.
+fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), NodeError> {
     let path = std::path::PathBuf::from(&req.model);
     if !path.exists() {
         return Err(NodeError::BadRequest(format!(
@@ -143,8 +147,13 @@ fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
         )));
     }
     check_fault(req.fault.as_ref(), req.runners)?;
-    let config =
-        engine::loader::read_config(&path).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    let (config, name) = engine::loader::read_config_and_name(&path)
+        .map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    if req.prefill_chunk == Some(0) {
+        return Err(NodeError::BadRequest(
+            "prefill_chunk must be at least 1 token".into(),
+        ));
+    }
     let sharding = req.sharding.unwrap_or(Sharding::Pipeline);
     let runners = req.runners as usize;
     let mut layers = Vec::new();
@@ -192,13 +201,16 @@ fn model_config(req: &CreateInstance) -> Result<ModelEngineArgs, NodeError> {
             };
         }
     }
-    Ok(ModelEngineArgs {
+    let context = u32::try_from(config.max_position_embeddings).unwrap_or(u32::MAX);
+    let args = ModelEngineArgs {
         path,
         sharding,
         layers,
         weights: req.weights.unwrap_or(DEFAULT_WEIGHTS),
         fault: req.fault.clone(),
-    })
+        prefill_chunk: req.prefill_chunk,
+    };
+    Ok((args, name, context))
 }
 
 /// `runners` ranks over `chosen` nodes in contiguous blocks (neighbouring
@@ -277,6 +289,9 @@ pub enum NodeError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A request's `model` names no instance and no model served here.
+    #[error("{0}")]
+    ModelNotFound(String),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -426,15 +441,21 @@ impl Node {
         }
         let placement = self.place(&req)?;
         let mut runner_env = self.runner_env.clone();
-        let (engine, tasks_to_all_ranks) = if req.model == "scripted" {
-            if req.sharding.is_some() || req.layers.is_some() || req.weights.is_some() {
+        let (engine, tasks_to_all_ranks, model_name, context_length) = if req.model == "scripted" {
+            if req.sharding.is_some()
+                || req.layers.is_some()
+                || req.weights.is_some()
+                || req.prefill_chunk.is_some()
+            {
                 return Err(NodeError::BadRequest(
-                    "sharding, layers and weights apply to model files, not to \"scripted\"".into(),
+                    "sharding, layers, weights and prefill_chunk apply to model files, not to \"scripted\"".into(),
                 ));
             }
             (
                 EngineConfig::Scripted(scripted_config(req.scripted, req.runners)?),
                 true,
+                "scripted".to_string(),
+                None,
             )
         } else {
             if req.scripted.is_some() {
@@ -450,7 +471,8 @@ impl Node {
             if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
                 runner_env.push((SPIN_LIMIT_VAR.into(), SPIN_LIMIT.to_string()));
             }
-            (EngineConfig::Model(model_config(&req)?), false)
+            let (args, name, context) = model_config(&req)?;
+            (EngineConfig::Model(args), false, name, Some(context))
         };
         let engine_config = serde_json::to_string(&engine)
             .map_err(|e| NodeError::BadRequest(format!("engine config: {e}")))?;
@@ -464,6 +486,8 @@ impl Node {
             replace,
             instance_id: instance_id.clone(),
             model: req.model,
+            model_name,
+            context_length,
             runners: req.runners,
             engine_config,
             timeouts: req.timeouts.unwrap_or_default(),
@@ -506,11 +530,14 @@ impl Node {
         }
         let mut serving = instances
             .values()
-            .filter(|h| h.view().model == model)
+            .filter(|h| {
+                let v = h.view();
+                v.model_name == model || v.model == model
+            })
             .peekable();
         if serving.peek().is_none() {
-            return Err(NodeError::NotFound(format!(
-                "model {model:?} is neither an instance id nor served by any instance: create one with POST /instance"
+            return Err(NodeError::ModelNotFound(format!(
+                "the model {model:?} does not exist: it is neither an instance id nor the name of a model an instance serves (GET /v1/models lists them; POST /instance creates one)"
             )));
         }
         serving
@@ -760,6 +787,7 @@ impl Node {
                 cluster::InstanceBrief {
                     instance_id: v.instance_id,
                     model: v.model,
+                    model_name: v.model_name,
                     state: v.state.name().to_string(),
                     nodes,
                 }
@@ -770,6 +798,20 @@ impl Node {
 
     /// The API address of the node coordinating instance (or serving model)
     /// `model`, when that is another node.
+    /// The instances other live nodes coordinate, as they announce them.
+    pub fn remote_instances(&self) -> Vec<cluster::InstanceBrief> {
+        let Some(mesh) = self.mesh.as_ref() else {
+            return Vec::new();
+        };
+        let members = mesh.cluster().members().borrow().clone();
+        members
+            .values()
+            .filter(|m| m.alive && m.id != mesh.id())
+            .filter_map(|m| m.info.as_ref())
+            .flat_map(|i| i.instances.iter().cloned())
+            .collect()
+    }
+
     pub fn remote_api(&self, model: &str) -> Option<String> {
         let mesh = self.mesh.as_ref()?;
         let members = mesh.cluster().members().borrow().clone();
@@ -785,7 +827,7 @@ impl Node {
                 others().find(|i| {
                     i.instances
                         .iter()
-                        .any(|b| b.model == model && b.state == "ready")
+                        .any(|b| (b.model_name == model || b.model == model) && b.state == "ready")
                 })
             })
             .map(|i| i.api_addr.clone())

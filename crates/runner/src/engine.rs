@@ -4,24 +4,42 @@
 //! An engine is synchronous and runs on the runner's engine thread: model
 //! compute blocks, and must never block the loop that answers pings.
 //! Cancellation needs no engine support: the engine thread checks a task's
-//! cancel flag between steps, so a cancel takes effect within one token.
+//! cancel flag between steps, so a cancel takes effect within one step (a
+//! token, or one chunk of a long prompt).
 
-use ipc::proto::TaskRequest;
+use ipc::proto::{InvalidTask, TaskRequest, TokenLogprob};
 
 pub use ::engine::EngineError;
 
-/// What one decoding step produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one step produced.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// A piece of output text for the client (the rank that samples).
-    Token(String),
-    /// A step done with nothing to emit (ranks that do not sample).
+    /// A piece of output text for the client (the rank that samples), and
+    /// the log-probabilities of the tokens it covers when the task asked.
+    Token {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// A chunk of the prompt was prefilled: `done` of `total` tokens.
+    Prefilled { done: u32, total: u32 },
+    /// A step done with nothing to emit (text held back, e.g. a character
+    /// split across tokens or a possible stop string).
     Progress,
     /// The task is complete.
     Finished {
         finish_reason: String,
         completion_tokens: u32,
     },
+}
+
+/// Why a task could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The request is the client's problem (typed for the API's answer).
+    #[error("{1}")]
+    Invalid(InvalidTask, String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 pub trait Engine: Send + 'static {
@@ -45,8 +63,8 @@ pub trait Engine: Send + 'static {
     /// Runs a real forward pass so the first request is not the slow one.
     fn warm_up(&mut self) -> Result<(), EngineError>;
     /// Starts a task; returns its state and its prompt length in tokens.
-    fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), EngineError>;
-    /// One decoding step of `task`.
+    fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), StartError>;
+    /// One step of `task`: a chunk of its prompt, or one token.
     fn step(&mut self, task: &mut Self::Task) -> Result<Step, EngineError>;
     /// The task left (finished, cancelled or failed): release what peers
     /// hold for it.

@@ -34,16 +34,25 @@ pub enum LinkMsg {
     },
     /// Pipeline: hidden states of `task_id` at positions `pos..`, for the
     /// next stage; `sampling` rides along until the last stage samples.
+    /// `sample` is false for a chunk of a prompt that is not its last: the
+    /// last stage then answers `Prefilled` instead of sampling.
     Activations {
         task_id: String,
         pos: u32,
         sampling: Sampling,
+        sample: bool,
         data: Blob,
     },
-    /// Pipeline: the token the last stage sampled, back to rank 0.
+    /// Pipeline: the token the last stage sampled, back to rank 0, with its
+    /// log-probabilities when the task asked (see `engine::sampler::Sampled`).
     Token {
         task_id: String,
         token: u32,
+        logprobs: Option<(f32, Vec<(u32, f32)>)>,
+    },
+    /// Pipeline: the last stage processed a prompt chunk (no token).
+    Prefilled {
+        task_id: String,
     },
     /// The task is over: free its KV cache.
     Finish {

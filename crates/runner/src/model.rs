@@ -13,6 +13,11 @@
 //! * tensor (star): rank 0 sends each step's tokens to every rank; all run
 //!   every layer on their slice and sum partials through rank 0.
 //!
+//! A prompt longer than the prefill chunk is fed one chunk per step: every
+//! chunk but the last only advances the KV caches (a pipeline's last stage
+//! answers `Prefilled`), the last one samples. Each chunk is reported to the
+//! node as progress, and other tasks take their turns in between.
+//!
 //! Closing goes front to back: rank 0 ends its outgoing links, each stage
 //! ends its own when its upstream ended, and rank 0 waits for the ends to
 //! come back around, so no stage sees `PeerLost` on a graceful path.
@@ -26,17 +31,17 @@ use candle_core::{DType, Device, Tensor};
 use engine::chat::{ChatMessage, ChatTemplate};
 use engine::loader::{load_shard, WeightFormat};
 use engine::model::{AllReduce, KvCache, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
-use engine::sampler::{Sampler, SamplingParams};
+use engine::sampler::{Sampled, Sampler, SamplingParams};
 use engine::tokenizer::Tokenizer;
 use engine::wire::{tensor_from_bytes, tensor_to_bytes};
 use engine::EngineError;
-use ipc::proto::{Sampling, TaskRequest};
+use ipc::proto::{InvalidTask, Sampling, TaskInput, TaskRequest, TokenLogprob};
 use ipc::Blob;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 
-use crate::engine::{Engine, Step};
+use crate::engine::{Engine, StartError, Step};
 use crate::links::{self, Link, LinkEnd, LinkMsg};
 
 /// How the instance is split.
@@ -64,7 +69,16 @@ pub struct ModelEngineArgs {
     /// A scripted fault, for lifecycle tests on a real model.
     #[serde(default)]
     pub fault: Option<crate::fault::FaultSpec>,
+    /// Prompt tokens per prefill step (default [`DEFAULT_PREFILL_CHUNK`]).
+    #[serde(default)]
+    pub prefill_chunk: Option<u32>,
 }
+
+/// Prompt tokens per prefill step when the instance names no other. Each
+/// chunk is one step: it reports progress (so a long prompt is never taken
+/// for a stall), lets other tasks take their turn, and is where a cancel
+/// lands. llama.cpp's default micro-batch is the same size.
+pub const DEFAULT_PREFILL_CHUNK: u32 = 512;
 
 /// What the engine tells the runner from outside a task.
 pub enum EngineNotice {
@@ -101,6 +115,11 @@ pub struct ModelTask {
     task_id: String,
     /// Tokens not yet fed to the model (the prompt, then each sampled token).
     pending: Vec<u32>,
+    prompt_total: u32,
+    /// Prompt tokens fed so far in chunks that did not sample.
+    prefilled: u32,
+    /// Log-probabilities of tokens whose text is still held back.
+    held_logprobs: Vec<TokenLogprob>,
     pos: usize,
     cache: KvCache,
     sampler: Sampler,
@@ -132,7 +151,15 @@ fn sampler_for(s: &Sampling) -> Sampler {
         top_p: s.top_p,
         top_k: s.top_k as usize,
         seed: s.seed,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        logit_bias: s.logit_bias.clone(),
+        logprobs: s.logprobs.map(usize::from),
     })
+}
+
+fn invalid(message: impl Into<String>) -> StartError {
+    StartError::Invalid(InvalidTask::InvalidPrompt, message.into())
 }
 
 impl ModelEngine {
@@ -275,8 +302,11 @@ impl ModelEngine {
     fn finish(&self, task: &mut ModelTask, reason: &str) -> Result<Step, EngineError> {
         task.finish = Some(reason.into());
         let rest = self.take_text(task, true)?;
-        if !rest.is_empty() {
-            return Ok(Step::Token(rest));
+        if !rest.is_empty() || !task.held_logprobs.is_empty() {
+            return Ok(Step::Token {
+                text: rest,
+                logprobs: std::mem::take(&mut task.held_logprobs),
+            });
         }
         let finish_reason = task.finish.clone().unwrap_or_else(|| reason.into());
         Ok(Step::Finished {
@@ -285,14 +315,20 @@ impl ModelEngine {
         })
     }
 
-    /// Runs rank 0's part of one step; returns the next token.
-    fn next_token(&mut self, task: &mut ModelTask) -> Result<u32, EngineError> {
+    /// Runs rank 0's part of one step over the first `n` pending tokens.
+    /// With `sample` it returns the next token; without (a prompt chunk that
+    /// is not the prompt's last), only the KV caches of every rank advance.
+    fn forward_step(
+        &mut self,
+        task: &mut ModelTask,
+        n: usize,
+        sample: bool,
+    ) -> Result<Option<Sampled>, EngineError> {
         let shard = self.shard()?.clone();
-        let tokens = std::mem::take(&mut task.pending);
-        let n = tokens.len();
+        let tokens: Vec<u32> = task.pending.drain(..n).collect();
         let pos = task.pos;
         let handle = self.handle.clone();
-        let token = match self.topology.as_mut() {
+        let sampled = match self.topology.as_mut() {
             Some(Topology::Alone) | None => {
                 let output = shard.forward(
                     StageInput::Tokens(tokens),
@@ -300,7 +336,8 @@ impl ModelEngine {
                     &mut task.cache,
                     &mut NoAllReduce,
                 )?;
-                task.sampler.sample(&logits_of(output, "a single shard")?)?
+                let logits = logits_of(output, "a single shard")?;
+                sample.then(|| task.sampler.next(&logits)).transpose()?
             }
             Some(Topology::Ring { prev, next }) => {
                 let hidden = match shard.forward(
@@ -319,11 +356,20 @@ impl ModelEngine {
                     task_id: task.task_id.clone(),
                     pos: pos as u32,
                     sampling: task.sampling.clone(),
+                    sample,
                     data,
                 };
                 next.send(&handle, msg)?;
                 match prev.expect(&handle)? {
-                    LinkMsg::Token { task_id, token } if task_id == task.task_id => token,
+                    LinkMsg::Token {
+                        task_id,
+                        token,
+                        logprobs,
+                    } if task_id == task.task_id && sample => Some(Sampled {
+                        id: token,
+                        logprobs,
+                    }),
+                    LinkMsg::Prefilled { task_id } if task_id == task.task_id && !sample => None,
                     LinkMsg::Failed { cause, .. } => return Err(compute(cause)),
                     other => {
                         return Err(compute(format!(
@@ -351,11 +397,36 @@ impl ModelEngine {
                     &mut task.cache,
                     &mut reduce,
                 )?;
-                task.sampler.sample(&logits_of(output, "a tensor shard")?)?
+                let logits = logits_of(output, "a tensor shard")?;
+                sample.then(|| task.sampler.next(&logits)).transpose()?
             }
         };
         task.pos += n;
-        Ok(token)
+        Ok(sampled)
+    }
+
+    /// A generated token's log-probabilities with the token texts.
+    fn token_logprob(&self, id: u32, (logprob, top): (f32, Vec<(u32, f32)>)) -> TokenLogprob {
+        let bytes = |id: u32| {
+            Blob(
+                self.tokenizer
+                    .as_ref()
+                    .map(|t| t.token_bytes(id).to_vec())
+                    .unwrap_or_default(),
+            )
+        };
+        TokenLogprob {
+            bytes: bytes(id),
+            logprob,
+            top: top.into_iter().map(|(id, lp)| (bytes(id), lp)).collect(),
+        }
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        self.args
+            .prefill_chunk
+            .unwrap_or(DEFAULT_PREFILL_CHUNK)
+            .max(1) as usize
     }
 }
 
@@ -506,7 +577,7 @@ impl Engine for ModelEngine {
         Ok(())
     }
 
-    fn start(&mut self, request: &TaskRequest) -> Result<(ModelTask, u32), EngineError> {
+    fn start(&mut self, request: &TaskRequest) -> Result<(ModelTask, u32), StartError> {
         let template = self
             .template
             .as_ref()
@@ -515,41 +586,85 @@ impl Engine for ModelEngine {
             .tokenizer
             .as_ref()
             .ok_or_else(|| compute("tasks go to rank 0"))?;
-        let messages: Vec<ChatMessage> = request
-            .messages
-            .iter()
-            .map(|m| ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
-        let prompt = template.render(&messages, true)?;
-        let ids = tokenizer.encode(&prompt, true);
-        if ids.is_empty() {
-            return Err(EngineError::Tokenizer(
-                "the rendered prompt has no tokens".into(),
-            ));
-        }
         let shard = self.shard()?;
-        let limit = shard.config().max_position_embeddings;
-        if ids.len() + request.max_tokens as usize > limit {
-            return Err(EngineError::Unsupported(format!(
-                "prompt of {} tokens plus max_tokens {} exceeds the model's context of {limit}",
-                ids.len(),
-                request.max_tokens
+        let vocab = shard.config().vocab_size;
+        let ids = match &request.input {
+            TaskInput::Chat(turns) => {
+                let messages: Vec<ChatMessage> = turns
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                let prompt = template
+                    .render(&messages, true)
+                    .map_err(|e| invalid(e.to_string()))?;
+                tokenizer.encode(&prompt, true)
+            }
+            TaskInput::Text(text) => tokenizer.encode(text, true),
+            TaskInput::Tokens(ids) => {
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(invalid(format!(
+                        "token id {bad} in the prompt is outside the vocabulary of {vocab}"
+                    )));
+                }
+                ids.clone()
+            }
+        };
+        if ids.is_empty() {
+            return Err(invalid("the prompt has no tokens"));
+        }
+        if let Some((bad, _)) = request
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= vocab)
+        {
+            return Err(invalid(format!(
+                "logit_bias names token id {bad}, outside the vocabulary of {vocab}"
             )));
         }
+        let limit = shard.config().max_position_embeddings;
+        let room = limit.saturating_sub(ids.len());
+        let max_tokens = match request.max_tokens {
+            Some(m) if m as usize <= room => m,
+            Some(m) => {
+                return Err(StartError::Invalid(
+                    InvalidTask::ContextLengthExceeded,
+                    format!(
+                        "this model's maximum context length is {limit} tokens; the prompt has {} tokens and max_tokens is {m}: shorten the prompt or lower max_tokens",
+                        ids.len(),
+                    ),
+                ))
+            }
+            // To the end of the turn: whatever the context leaves, at
+            // least one token.
+            None if room > 0 => room as u32,
+            None => {
+                return Err(StartError::Invalid(
+                    InvalidTask::ContextLengthExceeded,
+                    format!(
+                        "this model's maximum context length is {limit} tokens; the prompt has {} tokens and leaves no room for a completion: shorten the prompt",
+                        ids.len(),
+                    ),
+                ))
+            }
+        };
         let prompt_tokens = ids.len() as u32;
         tracing::debug!(task = %request.task_id, prompt_tokens, "prompt tokenized");
         let task = ModelTask {
             task_id: request.task_id.clone(),
             pending: ids,
+            prompt_total: prompt_tokens,
+            prefilled: 0,
+            held_logprobs: Vec::new(),
             pos: 0,
             cache: shard.new_cache(),
             sampler: sampler_for(&request.sampling),
             sampling: request.sampling.clone(),
             produced: 0,
-            max_tokens: request.max_tokens,
+            max_tokens,
             stop: request.stop.clone(),
             generated: Vec::new(),
             emitted: 0,
@@ -568,10 +683,27 @@ impl Engine for ModelEngine {
         if task.produced >= task.max_tokens {
             return self.finish(task, "length");
         }
-        let token = self.next_token(task)?;
+        let chunk = self.prefill_chunk();
+        if task.pending.len() > chunk {
+            self.forward_step(task, chunk, false)?;
+            task.prefilled += chunk as u32;
+            return Ok(Step::Prefilled {
+                done: task.prefilled,
+                total: task.prompt_total,
+            });
+        }
+        let n = task.pending.len();
+        let sampled = self
+            .forward_step(task, n, true)?
+            .ok_or_else(|| compute("a sampling step produced no token"))?;
+        let token = sampled.id;
         task.produced += 1;
         if self.eos.contains(&token) {
             return self.finish(task, "stop");
+        }
+        if let Some(lp) = sampled.logprobs {
+            let lp = self.token_logprob(token, lp);
+            task.held_logprobs.push(lp);
         }
         task.generated.push(token);
         task.pending.push(token);
@@ -579,7 +711,10 @@ impl Engine for ModelEngine {
         Ok(if text.is_empty() {
             Step::Progress
         } else {
-            Step::Token(text)
+            Step::Token {
+                text,
+                logprobs: std::mem::take(&mut task.held_logprobs),
+            }
         })
     }
 
@@ -681,6 +816,7 @@ fn pipeline_stage(
                 task_id,
                 pos,
                 sampling,
+                sample,
                 data,
             } => {
                 notify(EngineNotice::StageStep);
@@ -701,6 +837,7 @@ fn pipeline_stage(
                             task_id,
                             pos,
                             sampling,
+                            sample,
                             data: Blob(bytes),
                         },
                         Err(e) => LinkMsg::Failed {
@@ -708,10 +845,15 @@ fn pipeline_stage(
                             cause: e.to_string(),
                         },
                     },
+                    Ok(StageOutput::Logits(_)) if last && !sample => LinkMsg::Prefilled { task_id },
                     Ok(StageOutput::Logits(logits)) if last => {
                         let sampler = entry.1.get_or_insert_with(|| sampler_for(&sampling));
-                        match sampler.sample(&logits) {
-                            Ok(token) => LinkMsg::Token { task_id, token },
+                        match sampler.next(&logits) {
+                            Ok(sampled) => LinkMsg::Token {
+                                task_id,
+                                token: sampled.id,
+                                logprobs: sampled.logprobs,
+                            },
                             Err(e) => LinkMsg::Failed {
                                 task_id,
                                 cause: e.to_string(),

@@ -20,13 +20,14 @@ use std::time::Duration;
 
 use ipc::proto::{
     FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, TaskRequest, ToRunner,
+    TokenLogprob,
 };
 use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
 use supervisor::resources::{CleanupReport, CleanupResult, ResourceRegistry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::engine::{Engine, Step};
+use crate::engine::{Engine, StartError, Step};
 use crate::fault::{FaultKind, FaultSpec};
 use crate::lifecycle;
 use crate::model::{EngineNotice, ModelEngine, ModelEngineArgs};
@@ -119,10 +120,21 @@ enum EngineEvent {
         phase: Phase,
         result: Result<(), String>,
     },
+    /// A task passed its checks and its prefill begins.
+    Started {
+        task_id: String,
+        prompt_tokens: u32,
+    },
+    /// A chunk of a task's prompt was prefilled.
+    Prefilled {
+        task_id: String,
+        done: u32,
+        total: u32,
+    },
     Step {
         task_id: String,
         index: u32,
-        text: Option<String>,
+        text: Option<(String, Vec<TokenLogprob>)>,
     },
     TaskDone {
         task_id: String,
@@ -189,6 +201,10 @@ fn engine_thread<E: Engine>(
             }),
             Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
                 Ok((task, prompt_tokens)) => {
+                    let started = EngineEvent::Started {
+                        task_id: request.task_id.clone(),
+                        prompt_tokens,
+                    };
                     active.push_back(Active {
                         task_id: request.task_id,
                         task,
@@ -196,12 +212,17 @@ fn engine_thread<E: Engine>(
                         prompt_tokens,
                         index: 0,
                     });
-                    true
+                    send(started)
                 }
                 Err(e) => send(EngineEvent::TaskDone {
                     task_id: request.task_id,
-                    outcome: TaskOutcome::Failed {
-                        cause: e.to_string(),
+                    outcome: match e {
+                        StartError::Invalid(code, message) => {
+                            TaskOutcome::Invalid { code, message }
+                        }
+                        StartError::Engine(e) => TaskOutcome::Failed {
+                            cause: e.to_string(),
+                        },
                     },
                 }),
             },
@@ -223,9 +244,18 @@ fn engine_thread<E: Engine>(
             }
         } else {
             match engine.step(&mut a.task) {
-                Ok(step @ (Step::Token(_) | Step::Progress)) => {
+                Ok(Step::Prefilled { done, total }) => {
+                    let ev = EngineEvent::Prefilled {
+                        task_id: a.task_id.clone(),
+                        done,
+                        total,
+                    };
+                    active.push_back(a);
+                    ev
+                }
+                Ok(step @ (Step::Token { .. } | Step::Progress)) => {
                     let text = match step {
-                        Step::Token(text) => Some(text),
+                        Step::Token { text, logprobs } => Some((text, logprobs)),
                         _ => None,
                     };
                     let ev = EngineEvent::Step {
@@ -448,17 +478,41 @@ impl Runner {
                 }
                 _ => {}
             },
+            EngineEvent::Started {
+                task_id,
+                prompt_tokens,
+            } => {
+                self.send(FromRunner::TaskStarted {
+                    task_id,
+                    prompt_tokens,
+                })
+                .await
+            }
+            EngineEvent::Prefilled {
+                task_id,
+                done,
+                total,
+            } => {
+                self.maybe_fault(Phase::Running).await;
+                self.send(FromRunner::TaskProgress {
+                    task_id,
+                    prompt_done: done,
+                    prompt_total: total,
+                })
+                .await
+            }
             EngineEvent::Step {
                 task_id,
                 index,
                 text,
             } => {
                 self.maybe_fault(Phase::Running).await;
-                if let Some(text) = text {
+                if let Some((text, logprobs)) = text {
                     self.send(FromRunner::Token {
                         task_id,
                         index,
                         text,
+                        logprobs,
                     })
                     .await;
                 }

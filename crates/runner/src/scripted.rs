@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipc::proto::TaskRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EngineError, Step};
+use crate::engine::{Engine, EngineError, StartError, Step};
 use crate::fault::FaultSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,15 +87,17 @@ impl Engine for ScriptedEngine {
         Ok(())
     }
 
-    fn start(&mut self, request: &TaskRequest) -> Result<(ScriptedTask, u32), EngineError> {
+    fn start(&mut self, request: &TaskRequest) -> Result<(ScriptedTask, u32), StartError> {
         let prompt = request.last_user_text();
-        let words = reply_words(prompt);
+        let words = reply_words(&prompt);
         let prompt_tokens = prompt.split_whitespace().count() as u32;
         Ok((
             ScriptedTask {
                 words,
                 produced: 0,
-                max_tokens: request.max_tokens,
+                max_tokens: request
+                    .max_tokens
+                    .unwrap_or(supervisor::instance::DEFAULT_MAX_TOKENS),
             },
             prompt_tokens,
         ))
@@ -112,7 +114,10 @@ impl Engine for ScriptedEngine {
         let word = task.words[task.produced as usize % task.words.len()].clone();
         task.produced += 1;
         Ok(if self.emits_tokens {
-            Step::Token(word)
+            Step::Token {
+                text: word,
+                logprobs: Vec::new(),
+            }
         } else {
             Step::Progress
         })

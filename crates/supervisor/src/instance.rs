@@ -10,6 +10,10 @@
 //! * Tasks are admitted only in `Ready`. Every admitted task gets exactly one
 //!   terminal [`TaskEvent::Done`], whatever happens to its runners: its
 //!   entry is removed from the table when, and only when, it is delivered.
+//! * A runner stalls when it has tasks in flight and reports no progress on
+//!   any of them (started, a prefilled chunk, a token, a task done) for
+//!   `task_stall_ms`; a task waiting its turn behind others is not a stall,
+//!   and neither is a long prompt, whose every chunk is progress.
 //! * A failure of any runner (exit, lost channel, hang, deadline, stall) is
 //!   fail-stop: in-flight tasks fail with the cause, siblings get a
 //!   cancel-mode shutdown, and the restart policy decides what follows.
@@ -22,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipc::proto::{
-    ChatTurn, FromRunner, Phase, RunnerState, Sampling, TaskOutcome, TaskRequest, ToRunner,
+    FromRunner, Phase, RunnerState, Sampling, TaskInput, TaskOutcome, TaskRequest, ToRunner,
+    TokenLogprob,
 };
 use ipc::{ChannelStats, Control, ShutdownMode};
 use serde::{Deserialize, Serialize};
@@ -87,7 +92,12 @@ fn ms(v: u64) -> Duration {
 #[derive(Clone)]
 pub struct InstanceSpec {
     pub instance_id: String,
+    /// What the instance was created from (`scripted`, a file or directory).
     pub model: String,
+    /// The name clients call the model by (`/v1/models`).
+    pub model_name: String,
+    /// The model's context in tokens, when known.
+    pub context_length: Option<u32>,
     pub runners: u32,
     /// Passed to every runner as its engine configuration.
     pub engine_config: String,
@@ -179,6 +189,8 @@ pub struct RunnerView {
 pub struct InstanceView {
     pub instance_id: String,
     pub model: String,
+    pub model_name: String,
+    pub context_length: Option<u32>,
     pub state: InstanceState,
     pub runners: Vec<RunnerView>,
     pub tasks_in_flight: usize,
@@ -187,19 +199,31 @@ pub struct InstanceView {
     pub last_shutdown: Option<ShutdownReport>,
 }
 
+/// A task's completion bound when it names none and the engine has no
+/// context length to bound it (the scripted engine).
+pub const DEFAULT_MAX_TOKENS: u32 = 64;
+
 /// A task as the API submits it.
 #[derive(Debug, Clone)]
 pub struct TaskSubmit {
-    pub messages: Vec<ChatTurn>,
-    pub max_tokens: u32,
+    pub input: TaskInput,
+    /// `None`: to the end of the turn, bounded by the model's context (an
+    /// engine without a context gets [`DEFAULT_MAX_TOKENS`]).
+    pub max_tokens: Option<u32>,
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub trace_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TaskEvent {
-    Token(String),
+    /// The runner accepted the task (its prompt fits); always first unless
+    /// the task ends without starting.
+    Started { prompt_tokens: u32 },
+    Token {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Always the last event of a task.
     Done(TaskOutcome),
 }
@@ -375,6 +399,8 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
     let view = InstanceView {
         instance_id: spec.instance_id.clone(),
         model: spec.model.clone(),
+        model_name: spec.model_name.clone(),
+        context_length: spec.context_length,
         state: InstanceState::Starting,
         runners: Vec::new(),
         tasks_in_flight: 0,
@@ -427,6 +453,9 @@ struct Slot {
     channel: Option<ChannelStats>,
     /// Where the runner accepts data-plane links (from its `Hello`).
     data_addr: Option<String>,
+    /// The last progress this runner reported on any task (or when it was
+    /// last handed a task while idle): the stall clock.
+    progress_at: Instant,
 }
 
 impl Slot {
@@ -449,7 +478,8 @@ struct TaskEntry {
     /// Ranks that reported this task done.
     done: Vec<bool>,
     outcome: Option<TaskOutcome>,
-    last_progress: Instant,
+    /// `TaskEvent::Started` was delivered.
+    started: bool,
     /// A failure caused by a broken data-plane link is held this long for
     /// the primary failure (the peer's death), whose message names the
     /// runner, phase and cause; it is delivered as is if none comes.
@@ -542,6 +572,8 @@ impl Actor {
         let view = InstanceView {
             instance_id: self.spec.instance_id.clone(),
             model: self.spec.model.clone(),
+            model_name: self.spec.model_name.clone(),
+            context_length: self.spec.context_length,
             state: self.state.clone(),
             runners,
             tasks_in_flight: self.tasks.len(),
@@ -554,6 +586,13 @@ impl Actor {
 
     fn takes_tasks(&self, rank: usize) -> bool {
         rank == 0 || self.spec.tasks_to_all_ranks
+    }
+
+    /// Whether `rank` has a task in flight it has not finished.
+    fn busy(&self, rank: usize) -> bool {
+        self.tasks
+            .values()
+            .any(|t| !t.done.get(rank).copied().unwrap_or(true))
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -645,6 +684,7 @@ impl Actor {
                         exit: None,
                         channel: None,
                         data_addr: None,
+                        progress_at: Instant::now(),
                     });
                 }
                 Err(e) => {
@@ -663,6 +703,7 @@ impl Actor {
                         exit: Some(ExitCause::Code(-1)),
                         channel: None,
                         data_addr: None,
+                        progress_at: Instant::now(),
                     });
                     first_failure.get_or_insert((rank, cause));
                 }
@@ -683,7 +724,11 @@ impl Actor {
         }
         if self.state == InstanceState::Ready {
             let stall = ms(self.spec.timeouts.task_stall_ms);
-            if let Some(oldest) = self.tasks.values().map(|t| t.last_progress).min() {
+            if let Some(oldest) = (0..self.slots.len())
+                .filter(|&r| self.busy(r))
+                .map(|r| self.slots[r].progress_at)
+                .min()
+            {
                 consider(oldest + stall);
             }
         }
@@ -744,17 +789,12 @@ impl Actor {
         }
         if self.state == InstanceState::Ready {
             let stall = ms(self.spec.timeouts.task_stall_ms);
-            let stalled = self
-                .tasks
-                .iter()
-                .find(|(_, t)| now >= t.last_progress + stall)
-                .map(|(id, t)| {
-                    let rank = t.done.iter().position(|d| !d).unwrap_or(0);
-                    (id.clone(), rank)
-                });
-            if let Some((task_id, rank)) = stalled {
+            let stalled = (0..self.slots.len())
+                .find(|&r| self.busy(r) && now >= self.slots[r].progress_at + stall);
+            if let Some(rank) = stalled {
+                let waiting = self.tasks.values().filter(|t| !t.done[rank]).count();
                 let cause = format!(
-                    "task {task_id} made no progress for {} ms",
+                    "made no progress on its {waiting} task(s) for {} ms",
                     self.spec.timeouts.task_stall_ms
                 );
                 self.fail(rank, Phase::Running, cause).await;
@@ -823,18 +863,33 @@ impl Actor {
         }
         self.task_seq += 1;
         let task_id = format!("{}-t{}", self.spec.instance_id, self.task_seq);
-        // Room for every token the task can produce plus its outcome: the
-        // actor never waits on a slow client, and nothing is dropped.
-        let (tx, events) = mpsc::channel(task.max_tokens as usize + 2);
+        // Room for every token the task can produce plus its start and
+        // outcome: the actor never waits on a slow client, and nothing is
+        // dropped.
+        let max_tokens = task
+            .max_tokens
+            .or(self.spec.context_length)
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        let (tx, events) = mpsc::channel(max_tokens as usize + 3);
+        let max_tokens = task
+            .max_tokens
+            .or((self.spec.context_length.is_none()).then_some(DEFAULT_MAX_TOKENS));
         let request = TaskRequest {
             task_id: task_id.clone(),
             trace_id: task.trace_id.clone(),
-            messages: task.messages,
-            max_tokens: task.max_tokens,
+            input: task.input,
+            max_tokens,
             sampling: task.sampling,
             stop: task.stop,
         };
         tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, "task admitted");
+        // A runner that was idle starts its stall clock now.
+        let now = Instant::now();
+        for rank in 0..self.slots.len() {
+            if self.takes_tasks(rank) && !self.busy(rank) {
+                self.slots[rank].progress_at = now;
+            }
+        }
         self.tasks.insert(
             task_id.clone(),
             TaskEntry {
@@ -844,7 +899,7 @@ impl Actor {
                     .map(|r| !self.takes_tasks(r))
                     .collect(),
                 outcome: None,
-                last_progress: Instant::now(),
+                started: false,
                 held_until: None,
             },
         );
@@ -899,7 +954,9 @@ impl Actor {
             match &outcome {
                 TaskOutcome::Completed { .. } => report.tasks_drained += 1,
                 TaskOutcome::Cancelled { .. } => report.tasks_cancelled += 1,
-                TaskOutcome::Failed { .. } => report.tasks_failed += 1,
+                TaskOutcome::Failed { .. } | TaskOutcome::Invalid { .. } => {
+                    report.tasks_failed += 1
+                }
             }
         }
         tracing::debug!(instance = %self.spec.instance_id, task = %task_id, ?outcome, "task finished");
@@ -914,20 +971,52 @@ impl Actor {
                 self.slots[rank].data_addr = data_addr
             }
             RunnerEvent::Message(FromRunner::Status(state)) => self.on_status(rank, state).await,
-            RunnerEvent::Message(FromRunner::Token { task_id, text, .. }) => {
+            RunnerEvent::Message(FromRunner::TaskStarted {
+                task_id,
+                prompt_tokens,
+            }) => {
+                self.slots[rank].progress_at = now;
                 let Some(entry) = self.tasks.get_mut(&task_id) else {
                     return;
                 };
-                entry.last_progress = now;
-                if entry.tx.try_send(TaskEvent::Token(text)).is_err() {
+                if rank != 0 || entry.started {
+                    return;
+                }
+                entry.started = true;
+                if entry
+                    .tx
+                    .try_send(TaskEvent::Started { prompt_tokens })
+                    .is_err()
+                {
+                    self.cancel_task(&task_id).await;
+                }
+            }
+            RunnerEvent::Message(FromRunner::TaskProgress { .. }) => {
+                self.slots[rank].progress_at = now;
+            }
+            RunnerEvent::Message(FromRunner::Token {
+                task_id,
+                text,
+                logprobs,
+                ..
+            }) => {
+                self.slots[rank].progress_at = now;
+                let Some(entry) = self.tasks.get_mut(&task_id) else {
+                    return;
+                };
+                if entry
+                    .tx
+                    .try_send(TaskEvent::Token { text, logprobs })
+                    .is_err()
+                {
                     self.cancel_task(&task_id).await;
                 }
             }
             RunnerEvent::Message(FromRunner::TaskDone { task_id, outcome }) => {
+                self.slots[rank].progress_at = now;
                 let Some(entry) = self.tasks.get_mut(&task_id) else {
                     return;
                 };
-                entry.last_progress = now;
                 if let Some(done) = entry.done.get_mut(rank) {
                     *done = true;
                 }

@@ -230,15 +230,23 @@ async fn terminate_lets_a_runner_exit_on_sigterm() {
     let mut stdout = lines(runner.stdout);
     // The trap is installed once "ready" is printed.
     assert_eq!(next_line(&mut stdout).await, "ready");
+    let started = std::time::Instant::now();
     let outcome = within(
         "terminate",
         runner.process.terminate(true, Duration::from_secs(20)),
     )
     .await;
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert!(outcome.sent_sigterm, "{outcome:?}");
     assert!(!outcome.sent_sigkill, "{outcome:?}");
     assert_eq!(outcome.exit, ExitCause::Code(0));
-    assert!(outcome.waited_ms >= 0.0);
+    // The reported wait is real: some time passed between SIGTERM and the
+    // exit, and no more than the call took by an independent clock.
+    assert!(
+        outcome.waited_ms > 0.0 && outcome.waited_ms <= wall_ms,
+        "waited {} ms in a call of {wall_ms} ms",
+        outcome.waited_ms
+    );
 }
 
 #[tokio::test]

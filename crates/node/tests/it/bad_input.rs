@@ -91,7 +91,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             "/instance",
             r#"{"model": "scripted", "weights": "f32"}"#,
             400,
-            "sharding, layers and weights apply to model files",
+            "sharding, layers, weights and prefill_chunk apply to model files",
         ),
         (
             "POST",
@@ -127,7 +127,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             "/v1/chat/completions",
             r#"{"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}"#,
             404,
-            "neither an instance id",
+            "does not exist",
         ),
         (
             "POST",
@@ -141,7 +141,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             "/v1/chat/completions",
             r#"{"model": "scripted", "messages": [{"role": "user", "content": 7}]}"#,
             400,
-            "invalid type",
+            "content must be a string or a list of text parts",
         ),
         ("POST", "/v1/cancel/i-nope-t1", "", 404, "no task"),
         ("GET", "/nowhere", "", 404, "no such endpoint"),

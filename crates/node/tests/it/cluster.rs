@@ -260,7 +260,6 @@ async fn killing_the_coordinator_stops_its_runners_on_every_node() {
     // A client streaming through node 2 when the coordinator dies.
     nodes[1].wait_knows(&id).await;
     let stream = nodes[1].streaming_chat(&id).await;
-    let killed_at = Instant::now();
     nodes[0].signal(libc::SIGKILL);
     let took = wait_no_runners(&id, Duration::from_secs(10)).await;
     let chat = watchdog(
@@ -281,7 +280,6 @@ async fn killing_the_coordinator_stops_its_runners_on_every_node() {
         took <= Duration::from_millis(LEASE_MS + 1000),
         "runners outlived their coordinator by {took:?}"
     );
-    assert!(killed_at.elapsed() >= took);
     for node in &nodes[1..] {
         watchdog("hosted runners forgotten", Duration::from_secs(5), async {
             while node.cluster().await["hosted"] != json!([]) {

@@ -253,7 +253,7 @@ async fn status_and_inspect_show_runners_and_channels() {
         .create(json!({"model": "scripted", "runners": 3}))
         .await;
     node.wait_state(&id, &["ready"], LONG).await;
-    for (command, needle) in [("status", "ready"), ("inspect", "queued")] {
+    for command in ["status", "inspect"] {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardvisor"))
             .args([command, "--node", &node.base])
             .output()
@@ -266,12 +266,29 @@ async fn status_and_inspect_show_runners_and_channels() {
         );
         let text = String::from_utf8_lossy(&out.stdout);
         for rank in 0..3 {
+            let runner = format!("{id}/{rank}");
+            let row: Vec<&str> = text
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(runner.as_str()))
+                .unwrap_or_else(|| panic!("{command} lacks runner {rank}:\n{text}"))
+                .split_whitespace()
+                .collect();
+            // runner, node, pid, state[, channel, sent, recv, queued, bytes_in, idle_ms]
+            assert_eq!(row[3], "ready", "{command}: {row:?}");
             assert!(
-                text.contains(&format!("{id}/{rank}")),
-                "{command} lacks runner {rank}:\n{text}"
+                row[2].parse::<u32>().is_ok_and(|p| p > 0),
+                "{command}: {row:?}"
             );
+            if command == "inspect" {
+                assert_eq!(row.len(), 10, "{row:?}");
+                assert_eq!(row[4], "open", "{row:?}");
+                let count = |i: usize| row[i].parse::<u64>().unwrap_or(0);
+                // Connect, Load and WarmUp went out; Hello and the states
+                // up to Ready came back.
+                assert!(count(5) >= 3 && count(6) >= 3, "{row:?}");
+                assert_eq!(count(7), 0, "nothing queued on an idle runner: {row:?}");
+            }
         }
-        assert!(text.contains(needle), "{command} lacks {needle:?}:\n{text}");
     }
     node.delete(&id, "").await;
 }

@@ -8,6 +8,7 @@ mod harness;
 mod lifecycle;
 mod model;
 mod node_crash;
+mod openai_sdk;
 mod partition;
 mod runner_protocol;
 mod stress;

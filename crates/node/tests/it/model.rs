@@ -325,8 +325,8 @@ async fn smollm2_quantized_single_and_pipeline_agree_on_a_fixed_prefix() {
             "pipeline-2 differs from single with {weights} weights"
         );
         assert!(
-            answers[0].starts_with(prefix),
-            "{weights}: {:?} does not start with {prefix:?}",
+            prefix.iter().any(|p| answers[0].starts_with(p)),
+            "{weights}: {:?} starts with none of {prefix:?}",
             answers[0]
         );
     }
@@ -341,7 +341,235 @@ async fn smollm2_quantized_single_and_pipeline_agree_on_a_fixed_prefix() {
 /// Paris."): the first token is a near-tie in f32 ("The" 25.33 vs "L" 25.24)
 /// and quantized matmuls round activations to 8 bits, which moves logits by
 /// ~1.
-const GGUF_PREFIX: &str = "L'Étoile, la Marseillaise";
+const GGUF_PREFIX: &[&str] = &["L'Étoile, la Marseillaise"];
 /// The same with every matrix requantized to Q8_0 (the Q4_1 levels rounded
-/// once more): the same first tokens, then it drifts.
-const Q8_0_PREFIX: &str = "L'Étoile, la Cité";
+/// once more). The first token is the near-tie above, and Q8_0 lands on
+/// either side of it depending on the machine: "L'Étoile, la Cité" was
+/// recorded on one x86-64 machine, the f32 answer on an AMD EPYC with
+/// AVX-512 (the same binary, built for x86-64-v3). Both are regression pins
+/// of this engine's own output, not an oracle's.
+const Q8_0_PREFIX: &[&str] = &["L'Étoile, la Cité", "The capital of France is Paris."];
+
+/// A prompt fed in chunks of 4 tokens gives exactly the answer of the same
+/// prompt fed in one step (f32: the same sums in the same order per
+/// position), in every layout: single, pipeline (the last stage answers
+/// `Prefilled` for all but the last chunk) and tensor. The reference is the
+/// one-step single runner, a path that predates chunking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_matches_one_step_prefill_in_every_layout() {
+    let model = tiny_model("chunked").to_string_lossy().to_string();
+    let node = TestNode::start("chunked");
+    let prompt = "the quick brown fox jumps over the lazy dog and keeps running \
+                  through the field until the sun goes down behind the hills";
+    let mut answers = Vec::new();
+    for (runners, sharding, chunk) in [
+        (1, "pipeline", 4096),
+        (1, "pipeline", 4),
+        (2, "pipeline", 4),
+        (3, "pipeline", 5),
+        (2, "tensor", 4),
+    ] {
+        let id = create_ready(
+            &node,
+            json!({"model": model, "runners": runners, "sharding": sharding,
+                   "weights": "f32", "prefill_chunk": chunk}),
+        )
+        .await;
+        let (status, v) = node
+            .call(
+                "POST",
+                "/v1/chat/completions",
+                Some(json!({"model": id, "max_tokens": 24,
+                            "messages": [{"role": "user", "content": prompt}]})),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        assert!(
+            prompt_tokens > 3 * 4,
+            "the prompt spans several chunks: {v}"
+        );
+        answers.push((
+            format!("{sharding}-{runners} chunk {chunk}"),
+            v["choices"][0]["message"]["content"].clone(),
+        ));
+        let report = node.delete(&id, "").await;
+        assert_eq!(report["errors"], json!([]), "{report}");
+    }
+    for (name, text) in &answers[1..] {
+        assert_eq!(
+            text, &answers[0].1,
+            "{name} differs from a one-step prefill"
+        );
+    }
+    node.assert_quiet();
+}
+
+/// The typed refusals of a model instance reach the client as OpenAI's
+/// codes, streamed or not, and the instance keeps serving: a prompt plus
+/// `max_tokens` beyond the context (the tiny model's 1024) is
+/// `context_length_exceeded`, a token id outside the vocabulary an
+/// `invalid_value` naming the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_prompts_are_400s_and_the_instance_keeps_serving() {
+    let model = tiny_model("refused").to_string_lossy().to_string();
+    let node = TestNode::start("refused");
+    let id = create_ready(&node, json!({"model": model, "runners": 2})).await;
+    let long = "word ".repeat(1100);
+    for stream in [false, true] {
+        let (status, v) = node
+            .call(
+                "POST",
+                "/v1/chat/completions",
+                Some(json!({"model": id, "stream": stream,
+                            "messages": [{"role": "user", "content": long}]})),
+            )
+            .await;
+        assert_eq!(status, 400, "stream={stream}: {v}");
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        assert_eq!(v["error"]["param"], "messages", "{v}");
+        let (status, v) = node
+            .call(
+                "POST",
+                "/v1/completions",
+                Some(json!({"model": id, "stream": stream, "prompt": "hi", "max_tokens": 1024})),
+            )
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        let (status, v) = node
+            .call(
+                "POST",
+                "/v1/completions",
+                Some(json!({"model": id, "stream": stream, "prompt": [1, 2, 999_999]})),
+            )
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_value", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("999999"),
+            "{v}"
+        );
+    }
+    // n choices with their logprobs (the legacy shape; SmolLM2's text is
+    // checked against the tokens in the openai SDK test).
+    let (status, v) = node
+        .call(
+            "POST",
+            "/v1/completions",
+            Some(
+                json!({"model": id, "prompt": "hi there", "max_tokens": 5, "n": 2,
+                        "temperature": 1.0, "seed": 3, "logprobs": 2}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+        let lp = &c["logprobs"];
+        let n = lp["tokens"].as_array().map_or(0, Vec::len);
+        assert_eq!(n, 5, "one entry per generated token: {v}");
+        for (k, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+            let top = top.as_object().expect("a map");
+            assert!(!top.is_empty() && top.len() <= 2, "{v}");
+            let best = top
+                .values()
+                .filter_map(Value::as_f64)
+                .fold(f64::MIN, f64::max);
+            let chosen = lp["token_logprobs"][k].as_f64().expect("a logprob");
+            assert!(chosen <= 0.0 && chosen <= best + 1e-6, "{v}");
+        }
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 10, "{v}");
+    let report = node.delete(&id, "").await;
+    assert_eq!(report["errors"], json!([]), "{report}");
+    node.assert_quiet();
+}
+
+/// A prompt of `tokens` SmolLM2 tokens (counted with the model's own
+/// tokenizer, before the chat template adds its few).
+fn prompt_of(model: &std::path::Path, tokens: usize) -> String {
+    let mut file = std::fs::File::open(model).expect("open model");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
+    let tokenizer = engine::tokenizer::Tokenizer::from_gguf(&content).expect("tokenizer");
+    let sentence = "The river ran past the old mill, and the miller counted sacks of grain \
+                    while his daughter read about ships, stars and distant cities. ";
+    let mut text = String::new();
+    while tokenizer.encode(&text, false).len() < tokens {
+        text.push_str(sentence);
+    }
+    text
+}
+
+/// (b) Long prompts are work, not hangs: with default timeouts (a 30 s
+/// stall bound), a chat whose prompt fills 7/8 of SmolLM2's 8,192-token
+/// context completes on single and pipeline-2 instances, the instance never
+/// fails or restarts, and a short chat sent meanwhile completes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_prompt_completes_and_a_short_chat_meanwhile_too() {
+    let Some(model) = smollm2() else { return };
+    let long = prompt_of(&model, 7 * 8192 / 8 - 64);
+    let node = TestNode::start("long-prompt");
+    for runners in [1, 2] {
+        let id = create_ready(
+            &node,
+            json!({"model": model, "runners": runners, "weights": "f32"}),
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let long_chat = {
+            let base = node.base.clone();
+            let body = json!({"model": id, "max_tokens": 4,
+                              "messages": [{"role": "user", "content": long}]});
+            tokio::spawn(async move {
+                let url = format!("{base}/v1/chat/completions");
+                let response = node::client::request("POST", &url, Some(body.to_string()))
+                    .await
+                    .expect("long chat");
+                (
+                    response.0,
+                    serde_json::from_str::<Value>(&response.1).expect("json"),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, short) = node
+            .call(
+                "POST",
+                "/v1/chat/completions",
+                Some(json!({"model": id, "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "Say hi."}]})),
+            )
+            .await;
+        assert_eq!(status, 200, "the short chat: {short}");
+        let short_done = started.elapsed();
+        let (status, v) = watchdog("the long chat", Duration::from_secs(300), long_chat)
+            .await
+            .expect("join");
+        let long_done = started.elapsed();
+        assert_eq!(status, 200, "runners={runners}: {v}");
+        let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        assert!(
+            (7000..=7200).contains(&prompt_tokens),
+            "the prompt fills 7/8 of the context: {prompt_tokens}"
+        );
+        assert!(
+            v["choices"][0]["finish_reason"] == "length"
+                || v["choices"][0]["finish_reason"] == "stop",
+            "{v}"
+        );
+        let view = node.instance(&id).await;
+        assert_eq!(view["state"]["state"], "ready", "{view}");
+        assert_eq!(view["restarts"], 0, "{view}");
+        eprintln!(
+            "runners={runners}: {prompt_tokens}-token prompt done in {long_done:?}, short chat in {short_done:?}"
+        );
+        node.delete(&id, "").await;
+    }
+    node.assert_quiet();
+}

@@ -20,7 +20,7 @@ async fn a_partition_tears_down_both_sides_and_the_healed_cluster_serves_again()
     let net = match Netns::create() {
         Ok(net) => net,
         Err(reason) => {
-            eprintln!("SKIPPED partition test: {reason}");
+            engine::testing::skip(&format!("partition test: {reason}"));
             return;
         }
     };

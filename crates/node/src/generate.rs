@@ -1,0 +1,486 @@
+//! Runs a checked request ([`Plan`]) on an instance and answers in OpenAI's
+//! shapes: one task per choice, collected into one body or streamed as
+//! server-sent events.
+//!
+//! Invariants:
+//! * The HTTP status is decided only once every task of the request has
+//!   started (its prompt is tokenized and fits the context) or ended: a
+//!   refused prompt is a 400 with OpenAI's code, streamed or not, never a
+//!   200 followed by an error event.
+//! * Every choice ends exactly once in what the client sees: a
+//!   `finish_reason`, or the error event that ends the whole stream.
+//! * Dropping the response (the client went away) drops every task stream,
+//!   which cancels the tasks still running.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use ipc::proto::{InvalidTask, TaskOutcome, TokenLogprob};
+use serde_json::{json, Value};
+use supervisor::instance::{InstanceHandle, TaskEvent, TaskStream, TaskSubmit};
+
+use crate::api::ApiError;
+use crate::openai::{self, ApiFailure, ErrorBody, LogprobsShape, Plan, Usage};
+
+/// Which endpoint is answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One choice of a request, as it is being answered.
+struct Choice {
+    index: u32,
+    prompt: usize,
+    prompt_tokens: u32,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    /// Where the next logprobs entry's text starts (text completions).
+    offset: usize,
+    finish: Option<String>,
+    completion_tokens: u32,
+}
+
+/// What ended a task before or while it ran, as the client sees it.
+fn outcome_error(outcome: TaskOutcome, kind: Kind) -> Option<ApiError> {
+    match outcome {
+        TaskOutcome::Invalid { code, message } => {
+            let code = match code {
+                InvalidTask::ContextLengthExceeded => "context_length_exceeded",
+                InvalidTask::InvalidPrompt => "invalid_value",
+            };
+            Some(ApiFailure::invalid(kind.prompt_param(), code, message).into())
+        }
+        TaskOutcome::Failed { cause } => Some(ApiError::runner(cause)),
+        TaskOutcome::Completed { .. } | TaskOutcome::Cancelled { .. } => None,
+    }
+}
+
+/// Submits every task of `plan` and waits until each has started.
+async fn start(
+    handle: &InstanceHandle,
+    plan: &Plan,
+    kind: Kind,
+) -> Result<(Vec<(Choice, TaskStream)>, Vec<Option<TaskOutcome>>), ApiError> {
+    let trace_id = format!("{:016x}", fastrand::u64(..));
+    let mut streams = Vec::new();
+    for (index, input, sampling) in plan.tasks() {
+        let task = handle
+            .submit(TaskSubmit {
+                input,
+                max_tokens: plan.max_tokens,
+                sampling,
+                stop: plan.stop.clone(),
+                trace_id: trace_id.clone(),
+            })
+            .await?;
+        let prompt = (index / plan.n) as usize;
+        let offset = plan
+            .echo
+            .as_ref()
+            .map_or(0, |texts| texts.get(prompt).map_or(0, String::len));
+        let choice = Choice {
+            index,
+            prompt,
+            prompt_tokens: 0,
+            text: String::new(),
+            logprobs: Vec::new(),
+            offset,
+            finish: None,
+            completion_tokens: 0,
+        };
+        streams.push((choice, task));
+    }
+    let firsts =
+        futures_util::future::join_all(streams.iter_mut().map(|(_, task)| task.next())).await;
+    let mut early = Vec::with_capacity(firsts.len());
+    for ((choice, _), first) in streams.iter_mut().zip(firsts) {
+        match first {
+            Some(TaskEvent::Started { prompt_tokens }) => {
+                choice.prompt_tokens = prompt_tokens;
+                early.push(None);
+            }
+            Some(TaskEvent::Done(outcome)) => {
+                if let Some(e) = outcome_error(outcome.clone(), kind) {
+                    return Err(e);
+                }
+                early.push(Some(outcome));
+            }
+            Some(TaskEvent::Token { .. }) => {
+                return Err(ApiError::runner("a token arrived before its task started"))
+            }
+            None => return Err(ApiError::runner("task ended without an outcome")),
+        }
+    }
+    Ok((streams, early))
+}
+
+/// Answers `plan` on `handle`: a JSON body, or an SSE stream.
+pub async fn respond(
+    handle: &InstanceHandle,
+    plan: Plan,
+    model: String,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let (streams, early) = start(handle, &plan, kind).await?;
+    let first_task = streams
+        .first()
+        .map(|(_, t)| t.task_id.clone())
+        .unwrap_or_default();
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{first_task}"),
+        Kind::Completion => format!("cmpl-{first_task}"),
+    };
+    let shape = Shape {
+        id,
+        model,
+        created: now_unix(),
+        kind,
+        logprobs: plan.logprobs,
+        include_usage: plan.include_usage,
+        echo: plan.echo.clone(),
+        prompts: plan.prompts.len(),
+    };
+    if plan.stream {
+        Ok(stream_response(shape, streams, early).into_response())
+    } else {
+        collect_response(shape, streams, early).await
+    }
+}
+
+/// What every body and chunk of one response shares.
+#[derive(Clone)]
+struct Shape {
+    id: String,
+    model: String,
+    created: u64,
+    kind: Kind,
+    logprobs: Option<LogprobsShape>,
+    include_usage: bool,
+    echo: Option<Vec<String>>,
+    prompts: usize,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn logprobs(&self, entries: &[TokenLogprob], offset: usize) -> Value {
+        match self.logprobs {
+            None => Value::Null,
+            Some(LogprobsShape::Chat { .. }) => openai::chat_logprobs(entries),
+            Some(LogprobsShape::Completion { .. }) => openai::completion_logprobs(entries, offset),
+        }
+    }
+
+    /// Usage over every choice: each prompt counted once.
+    fn usage(&self, choices: &[&Choice]) -> Usage {
+        let mut prompt = vec![0u32; self.prompts];
+        let mut completion = 0;
+        for c in choices {
+            if let Some(p) = prompt.get_mut(c.prompt) {
+                *p = (*p).max(c.prompt_tokens);
+            }
+            completion += c.completion_tokens;
+        }
+        Usage::new(prompt.iter().sum(), completion)
+    }
+
+    fn body(&self, choices: Vec<Value>, usage: Usage) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+            "usage": usage,
+        })
+    }
+
+    fn chunk(&self, choice: Value) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    /// A streamed piece of one choice: text (with its logprobs) or its end.
+    fn piece(&self, c: &Choice, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let delta = match finish {
+                    Some(_) if text.is_empty() => json!({}),
+                    _ => json!({"content": text}),
+                };
+                self.chunk(json!({
+                    "index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                }))
+            }
+            Kind::Completion => self.chunk(json!({
+                "index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+            })),
+        }
+    }
+}
+
+fn finish_of(outcome: &TaskOutcome) -> (String, Option<u32>, Option<u32>) {
+    match outcome {
+        TaskOutcome::Completed {
+            prompt_tokens,
+            completion_tokens,
+            finish_reason,
+        } => (
+            finish_reason.clone(),
+            Some(*prompt_tokens),
+            Some(*completion_tokens),
+        ),
+        _ => ("cancelled".into(), None, None),
+    }
+}
+
+/// Applies an outcome to its choice; an error for the ones clients see as
+/// errors.
+fn settle(c: &mut Choice, outcome: TaskOutcome, kind: Kind) -> Result<(), ApiError> {
+    if let Some(e) = outcome_error(outcome.clone(), kind) {
+        return Err(e);
+    }
+    let (finish, prompt, completion) = finish_of(&outcome);
+    c.finish = Some(finish);
+    if let Some(p) = prompt {
+        c.prompt_tokens = p;
+    }
+    if let Some(n) = completion {
+        c.completion_tokens = n;
+    }
+    Ok(())
+}
+
+async fn collect_one(mut c: Choice, mut task: TaskStream, kind: Kind) -> Result<Choice, ApiError> {
+    while let Some(event) = task.next().await {
+        match event {
+            TaskEvent::Started { prompt_tokens } => c.prompt_tokens = prompt_tokens,
+            TaskEvent::Token { text, logprobs } => {
+                c.text.push_str(&text);
+                c.logprobs.extend(logprobs);
+            }
+            TaskEvent::Done(outcome) => {
+                settle(&mut c, outcome, kind)?;
+                return Ok(c);
+            }
+        }
+    }
+    Err(ApiError::runner("task ended without an outcome"))
+}
+
+async fn collect_response(
+    shape: Shape,
+    streams: Vec<(Choice, TaskStream)>,
+    early: Vec<Option<TaskOutcome>>,
+) -> Result<Response, ApiError> {
+    let kind = shape.kind;
+    let runs = streams
+        .into_iter()
+        .zip(early)
+        .map(|((mut c, task), early)| async move {
+            match early {
+                Some(outcome) => {
+                    settle(&mut c, outcome, kind)?;
+                    Ok(c)
+                }
+                None => collect_one(c, task, kind).await,
+            }
+        });
+    let mut choices = futures_util::future::try_join_all(runs).await?;
+    choices.sort_by_key(|c| c.index);
+    let usage = shape.usage(&choices.iter().collect::<Vec<_>>());
+    let bodies = choices
+        .iter()
+        .map(|c| {
+            let finish = c.finish.as_deref().unwrap_or("stop");
+            match kind {
+                Kind::Chat => json!({
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": null},
+                    "logprobs": shape.logprobs(&c.logprobs, 0),
+                    "finish_reason": finish,
+                }),
+                Kind::Completion => {
+                    let echo = shape
+                        .echo
+                        .as_ref()
+                        .and_then(|e| e.get(c.prompt))
+                        .map_or("", String::as_str);
+                    json!({
+                        "index": c.index,
+                        "text": format!("{echo}{}", c.text),
+                        "logprobs": shape.logprobs(&c.logprobs, echo.len()),
+                        "finish_reason": finish,
+                    })
+                }
+            }
+        })
+        .collect();
+    Ok(Json(shape.body(bodies, usage)).into_response())
+}
+
+/// The streamed answer: per choice a first chunk (the role, or the echoed
+/// prompt), its text chunks and its finish chunk; then, when asked, the
+/// usage chunk; then `[DONE]`. A failure ends the stream with an error
+/// event and no `[DONE]`.
+fn stream_response(
+    shape: Shape,
+    streams: Vec<(Choice, TaskStream)>,
+    early: Vec<Option<TaskOutcome>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let data = |v: Value| Event::default().data(v.to_string());
+    let mut opening = Vec::new();
+    let mut choices = Vec::new();
+    let mut live = Vec::new();
+    for (slot, ((mut c, task), early)) in streams.into_iter().zip(early).enumerate() {
+        match shape.kind {
+            Kind::Chat => opening.push(data(shape.chunk(json!({
+                "index": c.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": null,
+                "finish_reason": null,
+            })))),
+            Kind::Completion => {
+                if let Some(echo) = shape.echo.as_ref().and_then(|e| e.get(c.prompt)) {
+                    opening.push(data(shape.piece(&c, echo, Value::Null, None)));
+                }
+            }
+        }
+        match early {
+            Some(outcome) => {
+                // Only completions and cancels end before they start
+                // (errors were answered before the stream began).
+                let _ = settle(&mut c, outcome, shape.kind);
+                let finish = c.finish.clone().unwrap_or_default();
+                opening.push(data(shape.piece(&c, "", Value::Null, Some(&finish))));
+            }
+            None => {
+                let events = stream::unfold(task, |mut task| async move {
+                    task.next().await.map(|event| (event, task))
+                })
+                .map(move |event| (slot, event));
+                live.push(events.boxed());
+            }
+        }
+        choices.push(c);
+    }
+    let merged = stream::select_all(live);
+    let state = StreamState {
+        shape,
+        choices,
+        merged: Some(merged),
+    };
+    let body = stream::unfold(state, move |mut state| async move {
+        let mut merged = state.merged.take()?;
+        match merged.next().await {
+            Some((slot, event)) => {
+                let (events, go_on) = state.on_event(slot, event);
+                if go_on {
+                    state.merged = Some(merged);
+                }
+                Some((events, state))
+            }
+            None => {
+                let mut events = Vec::new();
+                if state.shape.include_usage {
+                    let usage = state.shape.usage(&state.choices.iter().collect::<Vec<_>>());
+                    let mut chunk = state.shape.chunk(json!(null));
+                    chunk["choices"] = json!([]);
+                    chunk["usage"] = json!(usage);
+                    events.push(Event::default().data(chunk.to_string()));
+                }
+                events.push(Event::default().data("[DONE]"));
+                Some((events, state))
+            }
+        }
+    });
+    let all = stream::iter(opening.into_iter().map(Ok))
+        .chain(body.flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>))));
+    Sse::new(all)
+}
+
+type Merged = stream::SelectAll<stream::BoxStream<'static, (usize, TaskEvent)>>;
+
+struct StreamState {
+    shape: Shape,
+    choices: Vec<Choice>,
+    /// `None` once the stream ended (after `[DONE]` or an error).
+    merged: Option<Merged>,
+}
+
+impl StreamState {
+    /// The events for one task event, and whether the stream goes on.
+    fn on_event(&mut self, slot: usize, event: TaskEvent) -> (Vec<Event>, bool) {
+        let data = |v: Value| Event::default().data(v.to_string());
+        let shape = &self.shape;
+        let c = &mut self.choices[slot];
+        match event {
+            TaskEvent::Started { prompt_tokens } => {
+                c.prompt_tokens = prompt_tokens;
+                (Vec::new(), true)
+            }
+            TaskEvent::Token { text, logprobs } => {
+                let lp = shape.logprobs(&logprobs, c.offset);
+                c.offset += logprobs
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(&e.bytes.0).len())
+                    .sum::<usize>();
+                (vec![data(shape.piece(c, &text, lp, None))], true)
+            }
+            TaskEvent::Done(outcome) => match settle(c, outcome, shape.kind) {
+                Ok(()) => {
+                    let finish = c.finish.clone().unwrap_or_default();
+                    (
+                        vec![data(shape.piece(c, "", Value::Null, Some(&finish)))],
+                        true,
+                    )
+                }
+                Err(e) => (vec![data(json!(e.1))], false),
+            },
+        }
+    }
+}
+
+/// The error event of a stream cut before its end.
+pub fn error_event(body: &ErrorBody) -> Event {
+    Event::default().data(serde_json::to_string(body).unwrap_or_default())
+}

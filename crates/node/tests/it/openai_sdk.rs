@@ -1,0 +1,63 @@
+//! (a) The official `openai` Python SDK (PyPI) as the client, against a
+//! pipeline-2 SmolLM2 instance: every check lives in `openai_sdk.py` beside
+//! this file and uses the SDK's own types and exceptions.
+//!
+//! Skips, saying why, without the model or the `openai` package; fails
+//! instead where `SHARDVISOR_REQUIRE_MODEL=1` (CI installs both).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{create_ready, watchdog, TestNode};
+use crate::model::smollm2;
+
+/// Whether `python3 -c "import openai"` works.
+fn sdk_installed() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_works_unchanged() {
+    let Some(model) = smollm2() else { return };
+    if !sdk_installed() {
+        engine::testing::skip("the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    let node = TestNode::start("openai-sdk");
+    let id = create_ready(&node, json!({"model": model, "runners": 2})).await;
+    let (_, models) = node.call("GET", "/v1/models", None).await;
+    let name = models["data"]
+        .as_array()
+        .and_then(|d| {
+            d.iter()
+                .find(|m| m["instance_id"] == id.as_str() && m["id"] != id.as_str())
+        })
+        .and_then(|m| m["id"].as_str())
+        .unwrap_or_else(|| panic!("no model name for {id}: {models}"))
+        .to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/openai_sdk.py");
+    let out = watchdog(
+        "the openai SDK script",
+        Duration::from_secs(170),
+        tokio::process::Command::new("python3")
+            .args([script, &node.base, &name, &id])
+            .output(),
+    )
+    .await
+    .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    let report = node.delete(&id, "").await;
+    assert_eq!(report["errors"], json!([]), "{report}");
+    node.assert_quiet();
+}

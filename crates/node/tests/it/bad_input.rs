@@ -170,7 +170,13 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
 
 /// One raw HTTP/1.1 request (bytes as given: invalid UTF-8 in the path
 /// included); returns the status and the body.
-async fn raw_http(addr: &str, method: &str, path: &[u8], headers: &str, body: &[u8]) -> (u16, Vec<u8>) {
+async fn raw_http(
+    addr: &str,
+    method: &str,
+    path: &[u8],
+    headers: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut request = Vec::new();
@@ -224,7 +230,8 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
     let id = node
         .create(json!({"model": "scripted", "runners": 1, "scripted": {"token_delay_ms": 0}}))
         .await;
-    node.wait_state(&id, &["ready"], Duration::from_secs(30)).await;
+    node.wait_state(&id, &["ready"], Duration::from_secs(30))
+        .await;
     let addr = node.base.trim_start_matches("http://").to_string();
     let routes: Vec<(&str, Vec<u8>)> = vec![
         ("POST", b"/v1/chat/completions".to_vec()),
@@ -241,9 +248,25 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
         ("GET", b"/nowhere/%ff%fe".to_vec()),
     ];
     let fields = [
-        "model", "messages", "prompt", "max_tokens", "n", "stream", "stop", "temperature",
-        "top_p", "logprobs", "top_logprobs", "logit_bias", "stream_options", "tools", "seed",
-        "echo", "runners", "content", "role",
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "n",
+        "stream",
+        "stop",
+        "temperature",
+        "top_p",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "stream_options",
+        "tools",
+        "seed",
+        "echo",
+        "runners",
+        "content",
+        "role",
     ];
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let value = |rng: &mut fastrand::Rng, depth: u32| -> Value {
@@ -312,7 +335,10 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
                 "{method} {:?} → {status}: {v}",
                 String::from_utf8_lossy(path)
             );
-            assert!(status < 500 || status == 502 || status == 503, "{status}: {v}");
+            assert!(
+                status < 500 || status == 502 || status == 503,
+                "{status}: {v}"
+            );
         }
         answered += 1;
     }
@@ -336,7 +362,10 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
     assert_eq!(chat.finish_reasons, ["length"], "{chat:?}");
     let after = node_rss_kb(node.pid());
     eprintln!("node RSS before {before} kB, after {after} kB");
-    assert!(after < before + 64 * 1024, "RSS grew from {before} to {after} kB");
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} to {after} kB"
+    );
     let view = node.instance(&id).await;
     assert_eq!(view["state"]["state"], "ready", "{view}");
     node.delete(&id, "").await;

@@ -4,6 +4,11 @@
 //! the all-reduce of tensor parallelism is a trait the caller implements.
 
 pub mod chat;
+
+/// The file `scripts/fetch-model.sh` fetches (SmolLM2-135M-Instruct, Q4_1):
+/// the demo model and the tests' real one.
+pub const FETCHED_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
 pub mod config;
 pub mod error;
 pub mod gguf_meta;

@@ -84,13 +84,7 @@ impl WeightFormat {
 /// Reads the model's config: `config.json` of a Hugging Face directory, or
 /// the metadata of a GGUF file.
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
-    match detect(path)? {
-        ModelKind::HfDir => ModelConfig::from_hf_json(&path.join("config.json")),
-        ModelKind::Gguf => {
-            let (content, _) = read_gguf_header(path)?;
-            ModelConfig::from_gguf(&content, path)
-        }
-    }
+    read_config_and_name(path).map(|(config, _)| config)
 }
 
 /// The config and the name users call the model by: GGUF `general.name`

@@ -57,7 +57,6 @@ pub fn skip(reason: &str) {
     if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_VAR}=1 but this test cannot run: {reason}");
     }
-    println!("skipped: {reason}");
     eprintln!("skipped: {reason}");
 }
 
@@ -68,7 +67,7 @@ pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
     let dir = std::env::var_os("SHARDVISOR_MODELS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = dir.join(crate::FETCHED_MODEL);
     if path.exists() {
         Some(path)
     } else {

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,7 +27,7 @@ use supervisor::instance::SubmitError;
 
 use crate::generate::{self, Kind};
 use crate::node::{Node, NodeError};
-use crate::openai::{ApiFailure, ChatRequest, CompletionRequest, ErrorBody, Plan};
+use crate::openai::{ApiFailure, ChatRequest, CompletionRequest, ErrorBody, OpenAiRequest};
 
 /// Largest request body read (a full 8k-token context is ~40 KB of text).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -125,66 +125,80 @@ impl From<SubmitError> for ApiError {
     }
 }
 
-/// The body, or an OpenAI-shaped error saying why it could not be read.
-fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
-        } else {
-            format!("cannot read the request body: {}", e.body_text())
-        };
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request_too_large"
-        } else {
-            "invalid_body"
-        };
-        ApiError(
-            status,
-            ErrorBody::new("invalid_request_error", message).with_code(code),
-        )
-    })
-}
-
-/// A path parameter, or a 400 saying what was wrong with it.
-fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    path.map(|Path(p)| p).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            ErrorBody::new(
-                "invalid_request_error",
-                format!("invalid path parameter: {}", e.body_text()),
-            )
-            .with_code("invalid_path"),
-        )
-    })
-}
-
-/// JSON bodies are read whatever their declared type (curl's `-d` says
+/// A request body, read once its declared type was checked and within
+/// [`MAX_BODY_BYTES`]; any failure is an OpenAI-shaped error. JSON is read
+/// whatever the declared type (curl's `-d` says
 /// `application/x-www-form-urlencoded`), except types that cannot hold JSON.
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let value = value.to_str().unwrap_or("").to_ascii_lowercase();
-    let mime = value.split(';').next().unwrap_or("").trim();
-    let json_like = mime.is_empty()
-        || mime == "application/json"
-        || mime.ends_with("+json")
-        || mime == "application/x-www-form-urlencoded"
-        || mime == "text/plain"
-        || mime == "*/*";
-    if json_like {
-        return Ok(());
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if let Some(value) = req.headers().get(header::CONTENT_TYPE) {
+            let value = value.to_str().unwrap_or("").to_ascii_lowercase();
+            let mime = value.split(';').next().unwrap_or("").trim();
+            let json_like = mime.is_empty()
+                || mime == "application/json"
+                || mime.ends_with("+json")
+                || mime == "application/x-www-form-urlencoded"
+                || mime == "text/plain"
+                || mime == "*/*";
+            if !json_like {
+                return Err(ApiError(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ErrorBody::new(
+                        "invalid_request_error",
+                        format!("content type {mime:?} is not supported: send the body as application/json"),
+                    )
+                    .with_code("unsupported_media_type"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let too_large = e.status() == StatusCode::PAYLOAD_TOO_LARGE;
+            let (message, code) = if too_large {
+                (
+                    format!("the request body exceeds the limit of {MAX_BODY_BYTES} bytes"),
+                    "request_too_large",
+                )
+            } else {
+                (
+                    format!("cannot read the request body: {}", e.body_text()),
+                    "invalid_body",
+                )
+            };
+            ApiError(
+                e.status(),
+                ErrorBody::new("invalid_request_error", message).with_code(code),
+            )
+        })?;
+        Ok(Body(bytes))
     }
-    Err(ApiError(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ErrorBody::new(
-            "invalid_request_error",
-            format!("content type {mime:?} is not supported: send the body as application/json"),
-        )
-        .with_code("unsupported_media_type"),
-    ))
+}
+
+/// The one path parameter of a route, or a 400 saying what was wrong with
+/// it (e.g. percent-encoded bytes that are not UTF-8).
+struct Param(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Param {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(p) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::new(
+                        "invalid_request_error",
+                        format!("invalid path parameter: {}", e.body_text()),
+                    )
+                    .with_code("invalid_path"),
+                )
+            })?;
+        Ok(Param(p))
+    }
 }
 
 /// Parses a JSON body with an error that names the field (`param`) and
@@ -279,8 +293,8 @@ struct Stall {
 /// `ms` (at most a minute), as a wedged supervisor would be. zenoh runs on
 /// its own threads, so the node's cluster token stays alive meanwhile: only
 /// the pings find out.
-async fn stall(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: Stall = parse_json(&body_of(body)?, "POST /fault/stall")?;
+async fn stall(Body(body): Body) -> Result<Response, ApiError> {
+    let req: Stall = parse_json(&body, "POST /fault/stall")?;
     let stall = Duration::from_millis(req.ms.min(60_000));
     tracing::info!(
         ms = stall.as_millis() as u64,
@@ -302,11 +316,9 @@ async fn state(State(node): State<Arc<Node>>) -> Json<crate::node::NodeState> {
 
 async fn create_instance(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    check_content_type(&headers)?;
-    let req: crate::node::CreateInstance = parse_json(&body_of(body)?, "POST /instance")?;
+    let req: crate::node::CreateInstance = parse_json(&body, "POST /instance")?;
     let handle = node.create_instance(req)?;
     Ok((
         StatusCode::CREATED,
@@ -374,9 +386,8 @@ async fn proxy(
 
 async fn get_instance(
     State(node): State<Arc<Node>>,
-    id: Result<Path<String>, PathRejection>,
+    Param(id): Param,
 ) -> Result<Response, ApiError> {
-    let id = path_of(id)?;
     match node.instance_view(&id) {
         Ok(view) => Ok(Json(view).into_response()),
         Err(NodeError::NotFound(e)) => match node.remote_api(&id) {
@@ -396,10 +407,9 @@ struct DeleteParams {
 
 async fn delete_instance(
     State(node): State<Arc<Node>>,
-    id: Result<Path<String>, PathRejection>,
+    Param(id): Param,
     params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = path_of(id)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
     if node.instance(&id).is_err() {
         if let Some(api) = node.remote_api(&id) {
@@ -482,11 +492,7 @@ async fn models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"object": "list", "data": model_entries(&node)}))
 }
 
-async fn model(
-    State(node): State<Arc<Node>>,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = path_of(id)?;
+async fn model(State(node): State<Arc<Node>>, Param(id): Param) -> Result<Response, ApiError> {
     model_entries(&node)
         .into_iter()
         .find(|e| e["id"] == id.as_str())
@@ -501,9 +507,8 @@ async fn model(
 
 async fn cancel(
     State(node): State<Arc<Node>>,
-    task_id: Result<Path<String>, PathRejection>,
+    Param(task_id): Param,
 ) -> Result<Response, ApiError> {
-    let task_id = path_of(task_id)?;
     let not_found = || NodeError::NotFound(format!("no task {task_id:?} in flight on this node"));
     let Some(handle) = node.instance_of_task(&task_id) else {
         let instance = task_id.rsplit_once("-t").map(|(i, _)| i).unwrap_or("");
@@ -542,56 +547,31 @@ async fn resolve_or_proxy(
     }
 }
 
-async fn serve_plan(
+/// `POST /v1/chat/completions` and `POST /v1/completions`: checks the
+/// request into a plan, then serves it here or forwards it to the node that
+/// coordinates its model.
+async fn openai_endpoint<R: OpenAiRequest>(
     node: &Node,
-    plan: Result<Plan, ApiFailure>,
-    model: &str,
-    path: &str,
-    body: &Bytes,
+    body: Bytes,
     kind: Kind,
+    path: &str,
 ) -> Result<Response, ApiError> {
-    let plan = plan?;
-    let (handle, name) = match resolve_or_proxy(node, model, path, body).await? {
+    let req: R = parse_json(&body, R::WHAT)?;
+    let plan = req.plan()?;
+    let (handle, name) = match resolve_or_proxy(node, req.model(), path, &body).await? {
         Ok(found) => found,
         Err(forwarded) => return Ok(forwarded),
     };
     generate::respond(&handle, plan, name, kind).await
 }
 
-async fn chat(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    check_content_type(&headers)?;
-    let body = body_of(body)?;
-    let req: ChatRequest = parse_json(&body, "chat completion")?;
-    serve_plan(
-        &node,
-        req.plan(),
-        &req.model,
-        "/v1/chat/completions",
-        &body,
-        Kind::Chat,
-    )
-    .await
+async fn chat(State(node): State<Arc<Node>>, Body(body): Body) -> Result<Response, ApiError> {
+    openai_endpoint::<ChatRequest>(&node, body, Kind::Chat, "/v1/chat/completions").await
 }
 
 async fn completions(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    check_content_type(&headers)?;
-    let body = body_of(body)?;
-    let req: CompletionRequest = parse_json(&body, "text completion")?;
-    serve_plan(
-        &node,
-        req.plan(),
-        &req.model,
-        "/v1/completions",
-        &body,
-        Kind::Completion,
-    )
-    .await
+    openai_endpoint::<CompletionRequest>(&node, body, Kind::Completion, "/v1/completions").await
 }

@@ -435,16 +435,13 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     result
 }
 
-/// The file `scripts/fetch-model.sh` writes.
-pub const FETCHED_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
 /// `run`'s model when `--model` names none: the fetched model if it is
 /// there, else the scripted engine (saying so).
 fn default_model() -> String {
     let dir = std::env::var_os("SHARDVISOR_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("models"));
-    let path = dir.join(FETCHED_MODEL);
+    let path = dir.join(engine::FETCHED_MODEL);
     if path.is_file() {
         return std::path::absolute(&path)
             .unwrap_or(path)

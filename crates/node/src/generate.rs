@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use supervisor::instance::{InstanceHandle, TaskEvent, TaskStream, TaskSubmit};
 
 use crate::api::ApiError;
-use crate::openai::{self, ApiFailure, ErrorBody, LogprobsShape, Plan, Usage};
+use crate::openai::{self, ApiFailure, LogprobsShape, Plan, Usage};
 
 /// Which endpoint is answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +200,7 @@ impl Shape {
     }
 
     /// Usage over every choice: each prompt counted once.
-    fn usage(&self, choices: &[&Choice]) -> Usage {
+    fn usage(&self, choices: &[Choice]) -> Usage {
         let mut prompt = vec![0u32; self.prompts];
         let mut completion = 0;
         for c in choices {
@@ -327,7 +327,7 @@ async fn collect_response(
         });
     let mut choices = futures_util::future::try_join_all(runs).await?;
     choices.sort_by_key(|c| c.index);
-    let usage = shape.usage(&choices.iter().collect::<Vec<_>>());
+    let usage = shape.usage(&choices);
     let bodies = choices
         .iter()
         .map(|c| {
@@ -422,7 +422,7 @@ fn stream_response(
             None => {
                 let mut events = Vec::new();
                 if state.shape.include_usage {
-                    let usage = state.shape.usage(&state.choices.iter().collect::<Vec<_>>());
+                    let usage = state.shape.usage(&state.choices);
                     let mut chunk = state.shape.chunk(json!(null));
                     chunk["choices"] = json!([]);
                     chunk["usage"] = json!(usage);
@@ -478,9 +478,4 @@ impl StreamState {
             },
         }
     }
-}
-
-/// The error event of a stream cut before its end.
-pub fn error_event(body: &ErrorBody) -> Event {
-    Event::default().data(serde_json::to_string(body).unwrap_or_default())
 }

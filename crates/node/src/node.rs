@@ -798,33 +798,36 @@ impl Node {
 
     /// The API address of the node coordinating instance (or serving model)
     /// `model`, when that is another node.
-    /// The instances other live nodes coordinate, as they announce them.
-    pub fn remote_instances(&self) -> Vec<cluster::InstanceBrief> {
+    /// What the other live nodes announce (their instances, API address).
+    fn other_nodes(&self) -> Vec<cluster::NodeInfo> {
         let Some(mesh) = self.mesh.as_ref() else {
             return Vec::new();
         };
         let members = mesh.cluster().members().borrow().clone();
         members
-            .values()
+            .into_values()
             .filter(|m| m.alive && m.id != mesh.id())
-            .filter_map(|m| m.info.as_ref())
-            .flat_map(|i| i.instances.iter().cloned())
+            .filter_map(|m| m.info)
             .collect()
     }
 
+    /// The instances other live nodes coordinate, as they announce them.
+    pub fn remote_instances(&self) -> Vec<cluster::InstanceBrief> {
+        self.other_nodes()
+            .into_iter()
+            .flat_map(|i| i.instances)
+            .collect()
+    }
+
+    /// The API of the node that coordinates `model` (an instance id, or a
+    /// model a ready instance there serves).
     pub fn remote_api(&self, model: &str) -> Option<String> {
-        let mesh = self.mesh.as_ref()?;
-        let members = mesh.cluster().members().borrow().clone();
-        let others = || {
-            members
-                .values()
-                .filter(|m| m.alive && m.id != mesh.id())
-                .filter_map(|m| m.info.as_ref())
-        };
-        others()
+        let others = self.other_nodes();
+        others
+            .iter()
             .find(|i| i.instances.iter().any(|b| b.instance_id == model))
             .or_else(|| {
-                others().find(|i| {
+                others.iter().find(|i| {
                     i.instances
                         .iter()
                         .any(|b| (b.model_name == model || b.model == model) && b.state == "ready")

@@ -32,6 +32,8 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 /// Most prompts in one text completion request.
 pub const MAX_PROMPTS: usize = 64;
+/// Most tasks one request may start (prompts × `n`): each holds a KV cache.
+pub const MAX_CHOICES: usize = 64;
 
 /// An error as the API answers it: status, OpenAI's type, code and param.
 #[derive(Debug, Clone, PartialEq)]
@@ -256,8 +258,24 @@ impl Plan {
     }
 }
 
-impl ChatRequest {
-    pub fn plan(&self) -> Result<Plan, ApiFailure> {
+/// A request one of the OpenAI endpoints takes.
+pub trait OpenAiRequest: serde::de::DeserializeOwned {
+    /// What the request is, for parse errors (`invalid … body`).
+    const WHAT: &'static str;
+    /// The `model` it names.
+    fn model(&self) -> &str;
+    /// The checked request, or why it is refused.
+    fn plan(&self) -> Result<Plan, ApiFailure>;
+}
+
+impl OpenAiRequest for ChatRequest {
+    const WHAT: &'static str = "chat completion";
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn plan(&self) -> Result<Plan, ApiFailure> {
         if self.messages.is_empty() {
             return Err(ApiFailure::invalid(
                 "messages",
@@ -340,14 +358,12 @@ impl ChatRequest {
             }
             _ => None,
         };
-        let mut plan = self.common.plan(
+        self.common.plan(
             self.model.clone(),
             vec![TaskInput::Chat(turns)],
             max_tokens,
             top.map(|top| LogprobsShape::Chat { top }),
-        )?;
-        plan.echo = None;
-        Ok(plan)
+        )
     }
 }
 
@@ -426,8 +442,14 @@ impl ChatMessage {
     }
 }
 
-impl CompletionRequest {
-    pub fn plan(&self) -> Result<Plan, ApiFailure> {
+impl OpenAiRequest for CompletionRequest {
+    const WHAT: &'static str = "text completion";
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn plan(&self) -> Result<Plan, ApiFailure> {
         let bad_prompt = || {
             ApiFailure::invalid(
                 "prompt",
@@ -474,6 +496,17 @@ impl CompletionRequest {
             ));
         }
         let n = self.common.n.unwrap_or(1);
+        if prompts.len() * n as usize > MAX_CHOICES {
+            return Err(ApiFailure::invalid(
+                "n",
+                "invalid_value",
+                format!(
+                    "{} prompts × n {n} is {} choices; at most {MAX_CHOICES} per request",
+                    prompts.len(),
+                    prompts.len() * n as usize
+                ),
+            ));
+        }
         if self.best_of.is_some_and(|b| b != n) {
             return Err(ApiFailure::unsupported(
                 "best_of",
@@ -508,6 +541,12 @@ impl CompletionRequest {
                 "echo together with logprobs (log-probabilities of the prompt) is not supported by this server",
             ));
         }
+        if echo && prompts.iter().any(|p| matches!(p, TaskInput::Tokens(_))) {
+            return Err(ApiFailure::unsupported(
+                "echo",
+                "echo of a prompt given as token ids is not supported by this server",
+            ));
+        }
         let texts = echo.then(|| {
             prompts
                 .iter()
@@ -517,12 +556,6 @@ impl CompletionRequest {
                 })
                 .collect()
         });
-        if echo && prompts.iter().any(|p| matches!(p, TaskInput::Tokens(_))) {
-            return Err(ApiFailure::unsupported(
-                "echo",
-                "echo of a prompt given as token ids is not supported by this server",
-            ));
-        }
         let mut plan = self.common.plan(
             self.model.clone(),
             prompts,

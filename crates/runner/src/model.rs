@@ -116,8 +116,6 @@ pub struct ModelTask {
     /// Tokens not yet fed to the model (the prompt, then each sampled token).
     pending: Vec<u32>,
     prompt_total: u32,
-    /// Prompt tokens fed so far in chunks that did not sample.
-    prefilled: u32,
     /// Log-probabilities of tokens whose text is still held back.
     held_logprobs: Vec<TokenLogprob>,
     pos: usize,
@@ -657,7 +655,6 @@ impl Engine for ModelEngine {
             task_id: request.task_id.clone(),
             pending: ids,
             prompt_total: prompt_tokens,
-            prefilled: 0,
             held_logprobs: Vec::new(),
             pos: 0,
             cache: shard.new_cache(),
@@ -686,9 +683,9 @@ impl Engine for ModelEngine {
         let chunk = self.prefill_chunk();
         if task.pending.len() > chunk {
             self.forward_step(task, chunk, false)?;
-            task.prefilled += chunk as u32;
+            // Until the prompt is in, the position is what was prefilled.
             return Ok(Step::Prefilled {
-                done: task.prefilled,
+                done: task.pos as u32,
                 total: task.prompt_total,
             });
         }

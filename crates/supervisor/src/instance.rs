@@ -478,8 +478,6 @@ struct TaskEntry {
     /// Ranks that reported this task done.
     done: Vec<bool>,
     outcome: Option<TaskOutcome>,
-    /// `TaskEvent::Started` was delivered.
-    started: bool,
     /// A failure caused by a broken data-plane link is held this long for
     /// the primary failure (the peer's death), whose message names the
     /// runner, phase and cause; it is delivered as is if none comes.
@@ -866,14 +864,16 @@ impl Actor {
         // Room for every token the task can produce plus its start and
         // outcome: the actor never waits on a slow client, and nothing is
         // dropped.
-        let max_tokens = task
-            .max_tokens
+        // Without a bound, the runner bounds the task by the context; an
+        // engine without a context gets the default here.
+        let max_tokens = match (task.max_tokens, self.spec.context_length) {
+            (None, None) => Some(DEFAULT_MAX_TOKENS),
+            (m, _) => m,
+        };
+        let bound = max_tokens
             .or(self.spec.context_length)
             .unwrap_or(DEFAULT_MAX_TOKENS);
-        let (tx, events) = mpsc::channel(max_tokens as usize + 3);
-        let max_tokens = task
-            .max_tokens
-            .or((self.spec.context_length.is_none()).then_some(DEFAULT_MAX_TOKENS));
+        let (tx, events) = mpsc::channel(bound as usize + 3);
         let request = TaskRequest {
             task_id: task_id.clone(),
             trace_id: task.trace_id.clone(),
@@ -899,7 +899,6 @@ impl Actor {
                     .map(|r| !self.takes_tasks(r))
                     .collect(),
                 outcome: None,
-                started: false,
                 held_until: None,
             },
         );
@@ -966,23 +965,30 @@ impl Actor {
 
     async fn on_runner_event(&mut self, rank: usize, event: RunnerEvent) {
         let now = Instant::now();
+        if let RunnerEvent::Message(
+            FromRunner::TaskStarted { .. }
+            | FromRunner::TaskProgress { .. }
+            | FromRunner::Token { .. }
+            | FromRunner::TaskDone { .. },
+        ) = &event
+        {
+            // Any word about any task is progress: the stall clock.
+            self.slots[rank].progress_at = now;
+        }
         match event {
             RunnerEvent::Message(FromRunner::Hello { data_addr }) => {
                 self.slots[rank].data_addr = data_addr
             }
             RunnerEvent::Message(FromRunner::Status(state)) => self.on_status(rank, state).await,
+            // Rank 0 starts each task once; other ranks' starts (scripted
+            // instances) are progress only.
             RunnerEvent::Message(FromRunner::TaskStarted {
                 task_id,
                 prompt_tokens,
             }) => {
-                self.slots[rank].progress_at = now;
-                let Some(entry) = self.tasks.get_mut(&task_id) else {
+                let Some(entry) = self.tasks.get_mut(&task_id).filter(|_| rank == 0) else {
                     return;
                 };
-                if rank != 0 || entry.started {
-                    return;
-                }
-                entry.started = true;
                 if entry
                     .tx
                     .try_send(TaskEvent::Started { prompt_tokens })
@@ -991,16 +997,13 @@ impl Actor {
                     self.cancel_task(&task_id).await;
                 }
             }
-            RunnerEvent::Message(FromRunner::TaskProgress { .. }) => {
-                self.slots[rank].progress_at = now;
-            }
+            RunnerEvent::Message(FromRunner::TaskProgress { .. }) => {}
             RunnerEvent::Message(FromRunner::Token {
                 task_id,
                 text,
                 logprobs,
                 ..
             }) => {
-                self.slots[rank].progress_at = now;
                 let Some(entry) = self.tasks.get_mut(&task_id) else {
                     return;
                 };
@@ -1013,7 +1016,6 @@ impl Actor {
                 }
             }
             RunnerEvent::Message(FromRunner::TaskDone { task_id, outcome }) => {
-                self.slots[rank].progress_at = now;
                 let Some(entry) = self.tasks.get_mut(&task_id) else {
                     return;
                 };

@@ -242,6 +242,10 @@ fn text_completion_prompts_defaults_and_echo() {
             json!({"prompt": "a", "best_of": 3}),
             ("unsupported_parameter", Some("best_of")),
         ),
+        (
+            json!({"prompt": ["a", "b", "c", "d", "e"], "n": 13}),
+            ("invalid_value", Some("n")),
+        ),
     ] {
         let mut body = body;
         body["model"] = json!("m");

@@ -283,7 +283,6 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
         }
     };
     let before = node_rss_kb(node.pid());
-    let mut answered = 0;
     for round in 0..400 {
         let (method, path) = &routes[round % routes.len()];
         let body: Vec<u8> = match rng.u8(..7) {
@@ -340,7 +339,6 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
                 "{status}: {v}"
             );
         }
-        answered += 1;
     }
     // Raw non-ASCII bytes in the request line are not HTTP (RFC 9112: the
     // request target is ASCII): hyper's parser answers a bare 400 and
@@ -353,7 +351,6 @@ async fn hostile_requests_get_openai_errors_and_the_node_stays_healthy() {
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     let v: Value = serde_json::from_slice(&body).expect("413 body is JSON");
     assert_eq!(v["error"]["code"], "request_too_large", "{v}");
-    assert_eq!(answered, 400);
     // Healthy, serving, and memory bounded: well under what 400 requests of
     // up to 9 MiB would hold had anything kept them.
     let (status, _) = node.call("GET", "/health", None).await;

@@ -224,6 +224,24 @@ pub struct ModelBench {
     pub weights: Vec<WeightFormat>,
     pub threads: Option<u32>,
     pub json: bool,
+    /// The user message (default [`BENCH_PROMPT`]).
+    pub prompt: Option<String>,
+    /// Tokens generated per chat.
+    pub max_tokens: u32,
+}
+
+/// The chat `bench model` times when no prompt is given.
+pub const BENCH_PROMPT: &str = "Write a long story about a dragon who learns to cook.";
+
+/// One timed chat.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timed {
+    pub prompt_tokens: u32,
+    /// Submission to the first token.
+    pub ttft_s: f64,
+    pub prefill_tok_s: f64,
+    /// NaN when fewer than two tokens came.
+    pub decode_tok_s: f64,
 }
 
 fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> {
@@ -244,19 +262,21 @@ fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> 
     })
 }
 
-/// One timed chat: (prompt tokens, prefill tok/s, decode tok/s).
+/// One timed greedy chat of `prompt`, `max_tokens` long.
 pub(crate) async fn timed_chat(
     handle: &InstanceHandle,
     run: usize,
-) -> anyhow::Result<(u32, f64, f64)> {
+    prompt: &str,
+    max_tokens: u32,
+) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let mut task = handle
         .submit(TaskSubmit {
             input: ipc::proto::TaskInput::Chat(vec![ipc::proto::ChatTurn {
                 role: "user".into(),
-                content: "Write a long story about a dragon who learns to cook.".into(),
+                content: prompt.into(),
             }]),
-            max_tokens: Some(64),
+            max_tokens: Some(max_tokens),
             sampling: Default::default(),
             stop: Vec::new(),
             trace_id: format!("bench-{run}"),
@@ -284,14 +304,17 @@ pub(crate) async fn timed_chat(
         }
     }
     let first = first.context("no token produced")?;
-    if tokens < 2 {
-        bail!("the model stopped after {tokens} token(s): nothing to time decode by");
-    }
-    Ok((
+    let ttft_s = (first - started).as_secs_f64();
+    Ok(Timed {
         prompt_tokens,
-        prompt_tokens as f64 / (first - started).as_secs_f64(),
-        (tokens - 1) as f64 / (last - first).as_secs_f64(),
-    ))
+        ttft_s,
+        prefill_tok_s: prompt_tokens as f64 / ttft_s,
+        decode_tok_s: if tokens < 2 {
+            f64::NAN
+        } else {
+            (tokens - 1) as f64 / (last - first).as_secs_f64()
+        },
+    })
 }
 
 /// Prefill and decode speed and peak RSS per runner of a model, for each
@@ -326,17 +349,19 @@ pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()>
             }
             handles.push(handle);
         }
-        let mut samples: Vec<Vec<(u32, f64, f64)>> = vec![Vec::new(); handles.len()];
+        let prompt = options.prompt.as_deref().unwrap_or(BENCH_PROMPT);
+        let mut samples: Vec<Vec<Timed>> = vec![Vec::new(); handles.len()];
         for run in 0..options.runs {
             for (handle, samples) in handles.iter().zip(&mut samples) {
-                samples.push(timed_chat(handle, run).await?);
+                samples.push(timed_chat(handle, run, prompt, options.max_tokens).await?);
             }
         }
         let mut first_decode = None;
         for ((&(layout, _), handle), samples) in layouts.iter().zip(&handles).zip(samples) {
-            let prompt_tokens = samples.first().map_or(0, |s| s.0);
-            let prefill = stats(samples.iter().map(|s| s.1).collect()).median;
-            let decode = stats(samples.iter().map(|s| s.2).collect()).median;
+            let prompt_tokens = samples.first().map_or(0, |s| s.prompt_tokens);
+            let ttft_ms = stats(samples.iter().map(|s| s.ttft_s * 1000.0).collect()).median;
+            let prefill = stats(samples.iter().map(|s| s.prefill_tok_s).collect()).median;
+            let decode = stats(samples.iter().map(|s| s.decode_tok_s).collect()).median;
             let ratio = decode / *first_decode.get_or_insert(decode);
             let rss: Vec<f64> = handle
                 .view()
@@ -354,6 +379,7 @@ pub async fn model(node: &Arc<Node>, options: &ModelBench) -> anyhow::Result<()>
                         "weights": weights,
                         "threads": options.threads,
                         "prompt_tokens": prompt_tokens,
+                        "ttft_ms": ttft_ms,
                         "prefill_tok_s": prefill,
                         "decode_tok_s": decode,
                         "peak_rss_mb": rss,

@@ -201,6 +201,13 @@ pub enum BenchWhat {
         /// One JSON object per row instead of a markdown table.
         #[arg(long)]
         json: bool,
+        /// A file whose text is the user message (default: a one-line
+        /// story prompt).
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Tokens generated per chat.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
     },
     /// create → chat → delete cycles (a soak).
     Cycles {
@@ -384,7 +391,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             weights,
             threads,
             json,
+            prompt_file,
+            max_tokens,
         } => {
+            let prompt = match prompt_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading the prompt file {}", path.display()))?,
+                ),
+                None => None,
+            };
             let options = crate::bench::ModelBench {
                 path: model,
                 runs,
@@ -392,6 +408,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 weights,
                 threads,
                 json,
+                prompt,
+                max_tokens,
             };
             on_embedded_node(async |node| crate::bench::model(node, &options).await).await
         }

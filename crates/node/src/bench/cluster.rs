@@ -21,7 +21,7 @@ use engine::loader::WeightFormat;
 use ipc::ShutdownMode;
 use supervisor::instance::{InstanceHandle, InstanceState};
 
-use super::{instance_request, ms, stats, timed_chat};
+use super::{instance_request, ms, stats, timed_chat, BENCH_PROMPT};
 use crate::mesh::MeshConfig;
 use crate::netns::Netns;
 use crate::node::{CreateInstance, Node};
@@ -256,8 +256,16 @@ async fn run_in(dir: &Path, options: &ClusterBench) -> anyhow::Result<()> {
         let spread = start_ready(&node, request(model, 3, Some(ids.clone()))).await?;
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for run in 0..options.rounds {
-            a.push(timed_chat(&local, run).await?.2);
-            b.push(timed_chat(&spread, run).await?.2);
+            a.push(
+                timed_chat(&local, run, BENCH_PROMPT, 64)
+                    .await?
+                    .decode_tok_s,
+            );
+            b.push(
+                timed_chat(&spread, run, BENCH_PROMPT, 64)
+                    .await?
+                    .decode_tok_s,
+            );
         }
         let (a, b) = (stats(a).median, stats(b).median);
         println!(

@@ -213,8 +213,20 @@ pub enum StageInput {
 pub enum StageOutput {
     /// `[seq, hidden]` f32 activations for the next stage.
     Hidden(Tensor),
-    /// `[vocab]` f32 logits of the last input position only.
+    /// f32 logits: `[vocab]` of the last input position for
+    /// [`Logits::Last`], `[seq, vocab]` of every position for
+    /// [`Logits::All`].
     Logits(Tensor),
+}
+
+/// Which positions a shard that ends the model computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last one: what the next token is sampled from.
+    Last,
+    /// Every one: to score each input token given those before it (the
+    /// log-probabilities of a prompt).
+    All,
 }
 
 /// A weight matrix `[out, in]` applied as `x @ W^T`.
@@ -477,13 +489,26 @@ impl Shard {
     }
 
     /// Runs this shard's layers on `input` at positions `pos..pos+seq`
-    /// (prefill when seq > 1, decode when 1), updating `cache`.
+    /// (prefill when seq > 1, decode when 1), updating `cache`; a shard that
+    /// ends the model returns the last position's logits.
     pub fn forward(
         &self,
         input: StageInput,
         pos: usize,
         cache: &mut KvCache,
         all_reduce: &mut dyn AllReduce,
+    ) -> Result<StageOutput> {
+        self.forward_logits(input, pos, cache, all_reduce, Logits::Last)
+    }
+
+    /// [`Shard::forward`], with the logits of the positions `logits` names.
+    pub fn forward_logits(
+        &self,
+        input: StageInput,
+        pos: usize,
+        cache: &mut KvCache,
+        all_reduce: &mut dyn AllReduce,
+        logits: Logits,
     ) -> Result<StageOutput> {
         if cache.layers.len() != self.layers.len() {
             return Err(EngineError::Compute(format!(
@@ -516,7 +541,7 @@ impl Shard {
             )));
         }
         cache.poisoned = true;
-        let out = self.run_layers(x, pos, cache, all_reduce)?;
+        let out = self.run_layers(x, pos, cache, all_reduce, logits)?;
         cache.seq_len += seq;
         cache.poisoned = false;
         Ok(out)
@@ -567,6 +592,7 @@ impl Shard {
         pos: usize,
         cache: &mut KvCache,
         all_reduce: &mut dyn AllReduce,
+        logits: Logits,
     ) -> Result<StageOutput> {
         let seq = x.dim(0)?;
         let (cos, sin) = self.rope_tables(pos, seq)?;
@@ -595,10 +621,16 @@ impl Shard {
         }
         match (&self.final_norm, &self.lm_head) {
             (Some(norm), Some(lm_head)) => {
-                let last = x.narrow(0, seq - 1, 1)?;
-                let last = candle_nn::ops::rms_norm(&last, norm, eps)?;
-                let logits = lm_head.forward(&last)?.squeeze(0)?;
-                Ok(StageOutput::Logits(logits))
+                let rows = match logits {
+                    Logits::Last => x.narrow(0, seq - 1, 1)?,
+                    Logits::All => x,
+                };
+                let rows = candle_nn::ops::rms_norm(&rows, norm, eps)?;
+                let out = lm_head.forward(&rows)?;
+                Ok(StageOutput::Logits(match logits {
+                    Logits::Last => out.squeeze(0)?,
+                    Logits::All => out,
+                }))
             }
             _ => Ok(StageOutput::Hidden(x)),
         }

@@ -65,8 +65,12 @@ pub struct Sampled {
     pub id: u32,
     /// `(log-probability of id, the most likely ids with theirs)`, when
     /// asked for.
-    pub logprobs: Option<(f32, Vec<(u32, f32)>)>,
+    pub logprobs: Option<Scored>,
 }
+
+/// A token's log-probability under the model and the most likely ids with
+/// theirs, most likely first.
+pub type Scored = (f32, Vec<(u32, f32)>);
 
 /// A sampler for one task: owns the PRNG state so successive draws differ,
 /// and counts what it produced for the penalties.
@@ -115,10 +119,7 @@ impl Sampler {
         let adjusted = self.adjusted(logits);
         let id = self.draw(adjusted.as_deref().unwrap_or(logits));
         *self.counts.entry(id).or_insert(0) += 1;
-        let logprobs = self.params.logprobs.map(|k| {
-            let lp = log_softmax(logits);
-            (lp[id as usize], top_n(&lp, k))
-        });
+        let logprobs = self.params.logprobs.map(|k| score(logits, id, k));
         Ok(Sampled { id, logprobs })
     }
 
@@ -218,6 +219,45 @@ impl Sampler {
         // Rounding can leave target a hair above the last mass.
         *order.last().unwrap_or(&0)
     }
+}
+
+/// Scores `id` under `logits` (raw: no temperature, penalty or bias) with
+/// the `n` most likely alternatives.
+pub fn score(logits: &[f32], id: u32, n: usize) -> Scored {
+    let lp = log_softmax(logits);
+    let own = lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    (own, top_n(&lp, n))
+}
+
+/// Scores a sequence: row `i` of `logits` (`[rows, vocab]`, the model's
+/// prediction after position `i`) scores `targets[i]`, the token that
+/// followed. `targets` may be shorter than the rows (the last row of a
+/// prompt predicts a token not yet known).
+pub fn score_rows(logits: &Tensor, targets: &[u32], n: usize) -> Result<Vec<Scored>> {
+    let rows = logits
+        .to_dtype(DType::F32)
+        .and_then(|t| t.to_vec2::<f32>())
+        .map_err(|e| EngineError::Compute(format!("scoring: {e}")))?;
+    if targets.len() > rows.len() {
+        return Err(EngineError::Compute(format!(
+            "scoring {} tokens needs as many rows of logits, got {}",
+            targets.len(),
+            rows.len()
+        )));
+    }
+    if let Some(bad) = targets
+        .iter()
+        .find(|&&id| rows.first().is_some_and(|r| id as usize >= r.len()))
+    {
+        return Err(EngineError::Compute(format!(
+            "scoring: token id {bad} is outside the vocabulary"
+        )));
+    }
+    Ok(rows
+        .iter()
+        .zip(targets)
+        .map(|(row, &id)| score(row, id, n))
+        .collect())
 }
 
 /// Log-softmax in f64, returned as f32. A `-inf` logit gets `-inf`.
@@ -408,6 +448,36 @@ mod tests {
         for _ in 0..200 {
             assert_ne!(s.sample_slice(&logits).unwrap(), 0);
         }
+    }
+
+    /// Expected values from Python: `math.log(0.25)`, `math.log(0.75)`,
+    /// `math.log(0.5)` (row 0 is softmax [1/4, 3/4], row 1 a tie).
+    #[test]
+    fn score_rows_scores_each_next_token_and_leaves_the_last_row() {
+        let logits = Tensor::new(
+            &[[0.0f32, 3f32.ln()], [2.0, 2.0], [9.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let scored = score_rows(&logits, &[0, 1], 1).unwrap();
+        assert_eq!(scored.len(), 2, "the third row predicts an unknown token");
+        assert!((scored[0].0 - -1.3862944).abs() < 1e-6, "{scored:?}");
+        assert_eq!(scored[0].1.len(), 1);
+        assert_eq!(scored[0].1[0].0, 1);
+        assert!((scored[0].1[0].1 - -0.2876821).abs() < 1e-6, "{scored:?}");
+        assert!(
+            (scored[1].0 + std::f32::consts::LN_2).abs() < 1e-6,
+            "{scored:?}"
+        );
+        assert_eq!(scored[1].1[0].0, 0, "a tie goes to the lower id");
+        assert!(
+            score_rows(&logits, &[0, 1, 0, 1], 1).is_err(),
+            "more targets than rows"
+        );
+        assert!(
+            score_rows(&logits, &[7], 1).is_err(),
+            "a target outside the vocabulary"
+        );
     }
 
     /// Expected values: `math.log(math.exp(x) / sum(math.exp(v) for v in l))`

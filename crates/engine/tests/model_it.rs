@@ -18,7 +18,7 @@ use std::time::Duration;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use engine::loader::{load_shard, read_config, WeightFormat};
-use engine::model::{AllReduce, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
+use engine::model::{AllReduce, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
 use engine::sampler::{Sampler, SamplingParams};
 use engine::wire::{tensor_from_bytes, tensor_to_bytes};
 use engine::{EngineError, Result};
@@ -620,6 +620,69 @@ fn shardings_agree_with_single_process_on_logits_and_greedy_tokens() {
         );
         assert!(diff <= 1e-4, "{setup:?}: logits differ by {diff}");
     }
+}
+
+/// `Logits::All` gives, in row `i`, the logits of position `i`: the same
+/// as `Logits::Last` on the prompt cut after `i` (a fresh cache; f32, equal
+/// up to the order of summation), in one step or in chunks.
+#[test]
+fn every_position_logits_are_each_prefix_last_logits() {
+    let model = tiny_model(false);
+    let cfg = read_config(&model.hf).expect("config");
+    let shard = load(&model.hf, &ShardSpec::full(&cfg), WeightFormat::F32);
+    let prefix_last: Vec<Vec<f32>> = (1..=PROMPT.len())
+        .map(|n| {
+            let mut cache = shard.new_cache();
+            let out = shard
+                .forward(
+                    StageInput::Tokens(PROMPT[..n].to_vec()),
+                    0,
+                    &mut cache,
+                    &mut NoAllReduce,
+                )
+                .expect("forward");
+            logits_of(out)
+        })
+        .collect();
+    let rows = |out: StageOutput| -> Vec<Vec<f32>> {
+        match out {
+            StageOutput::Logits(t) => t.to_vec2::<f32>().expect("[seq, vocab] logits"),
+            StageOutput::Hidden(_) => panic!("the full model returned hidden states"),
+        }
+    };
+    let mut cache = shard.new_cache();
+    let all = rows(
+        shard
+            .forward_logits(
+                StageInput::Tokens(PROMPT.to_vec()),
+                0,
+                &mut cache,
+                &mut NoAllReduce,
+                Logits::All,
+            )
+            .expect("forward all"),
+    );
+    assert_eq!(all.len(), PROMPT.len());
+    assert_eq!(all[0].len(), VOCAB);
+    let diff = max_abs_diff(&all, &prefix_last);
+    assert!(diff < 1e-4, "one step: rows differ from prefixes by {diff}");
+    // In chunks of 2, 2 and 1 over one cache.
+    let mut cache = shard.new_cache();
+    let mut chunked = Vec::new();
+    for (start, end) in [(0, 2), (2, 4), (4, 5)] {
+        let out = shard
+            .forward_logits(
+                StageInput::Tokens(PROMPT[start..end].to_vec()),
+                start,
+                &mut cache,
+                &mut NoAllReduce,
+                Logits::All,
+            )
+            .expect("forward a chunk");
+        chunked.extend(rows(out));
+    }
+    let diff = max_abs_diff(&chunked, &prefix_last);
+    assert!(diff < 1e-4, "chunked: rows differ from prefixes by {diff}");
 }
 
 #[test]

@@ -45,6 +45,21 @@ pub struct TaskRequest {
     pub sampling: Sampling,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
+    /// What the runner reports of the prompt before any token (a text
+    /// completion's `echo`); `None`: nothing.
+    pub report_prompt: Option<PromptReport>,
+}
+
+/// What a runner reports of a task's prompt, in one [`FromRunner::Prompt`]
+/// sent before the task's first token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PromptReport {
+    /// The prompt's tokens (sent before prefill).
+    Tokens,
+    /// The prompt's tokens, and each one's log-probability given those
+    /// before it with the `n` most likely alternatives (sent once prefill
+    /// has scored them all).
+    Logprobs(u8),
 }
 
 /// The prompt of a task.
@@ -71,6 +86,7 @@ impl TaskRequest {
             max_tokens: Some(max_tokens),
             sampling: Sampling::default(),
             stop: Vec::new(),
+            report_prompt: None,
         }
     }
 
@@ -170,6 +186,15 @@ pub enum FromRunner {
         task_id: String,
         prompt_done: u32,
         prompt_total: u32,
+    },
+    /// The task's prompt as [`TaskRequest::report_prompt`] asked, before
+    /// its first token: every prompt token's bytes, and with
+    /// [`PromptReport::Logprobs`] one entry per token after the first (the
+    /// first has nothing before it to be scored on).
+    Prompt {
+        task_id: String,
+        tokens: Vec<Blob>,
+        logprobs: Vec<TokenLogprob>,
     },
     Token {
         task_id: String,
@@ -351,6 +376,15 @@ mod tests {
                 top: vec![(Blob(b"ho".to_vec()), -1.5)],
             }],
         });
+        msgs.push(FromRunner::Prompt {
+            task_id: "t".into(),
+            tokens: vec![Blob(b"A".to_vec()), Blob(b" cat".to_vec())],
+            logprobs: vec![TokenLogprob {
+                bytes: Blob(b" cat".to_vec()),
+                logprob: -3.0,
+                top: vec![(Blob(b" dog".to_vec()), -1.0)],
+            }],
+        });
         msgs.push(FromRunner::TaskStarted {
             task_id: "t".into(),
             prompt_tokens: 7,
@@ -411,6 +445,11 @@ mod tests {
             }),
             ToRunner::Task(TaskRequest {
                 input: TaskInput::Text("once".into()),
+                report_prompt: Some(PromptReport::Logprobs(5)),
+                ..TaskRequest::user("t", "x", "p", 0)
+            }),
+            ToRunner::Task(TaskRequest {
+                report_prompt: Some(PromptReport::Tokens),
                 ..TaskRequest::user("t", "x", "p", 0)
             }),
         ];

@@ -177,6 +177,7 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
                 sampling: Default::default(),
                 stop: Vec::new(),
                 trace_id: format!("cycle-{i}"),
+                report_prompt: None,
             })
             .await?;
         while let Some(event) = task.next().await {
@@ -280,6 +281,7 @@ pub(crate) async fn timed_chat(
             sampling: Default::default(),
             stop: Vec::new(),
             trace_id: format!("bench-{run}"),
+            report_prompt: None,
         })
         .await?;
     let mut first: Option<Instant> = None;
@@ -287,7 +289,7 @@ pub(crate) async fn timed_chat(
     let (mut prompt_tokens, mut tokens) = (0u32, 0u32);
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Started { .. } => {}
+            TaskEvent::Started { .. } | TaskEvent::Prompt { .. } => {}
             TaskEvent::Token { .. } => {
                 first.get_or_insert_with(Instant::now);
                 last = Instant::now();

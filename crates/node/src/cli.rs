@@ -530,13 +530,14 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
             sampling: Sampling::default(),
             stop: Vec::new(),
             trace_id: "run".into(),
+            report_prompt: None,
         })
         .await?;
     let mut out = std::io::stdout();
     let mut code = 0;
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Started { .. } => {}
+            TaskEvent::Started { .. } | TaskEvent::Prompt { .. } => {}
             TaskEvent::Token { text, .. } => {
                 write!(out, "{text}")?;
                 out.flush()?;

@@ -11,6 +11,10 @@
 //!   `finish_reason`, or the error event that ends the whole stream.
 //! * Dropping the response (the client went away) drops every task stream,
 //!   which cancels the tasks still running.
+//! * An echoed prompt comes first in its choice's text, once: streamed at
+//!   once when its text is known and nothing of it is awaited, else when
+//!   the runner's report of the prompt (its tokens, their log-probabilities)
+//!   arrives, before any token.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,7 +28,7 @@ use serde_json::{json, Value};
 use supervisor::instance::{InstanceHandle, TaskEvent, TaskStream, TaskSubmit};
 
 use crate::api::ApiError;
-use crate::openai::{self, ApiFailure, LogprobsShape, Plan, Usage};
+use crate::openai::{self, ApiFailure, LogprobsShape, Plan, ReportedPrompt, Usage};
 
 /// Which endpoint is answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,10 @@ struct Choice {
     prompt_tokens: u32,
     text: String,
     logprobs: Vec<TokenLogprob>,
+    /// The echoed prompt's text, once known (text completions with `echo`).
+    echo: Option<String>,
+    /// The runner's report of the prompt, when the plan asked for one.
+    reported: Option<ReportedPrompt>,
     /// Where the next logprobs entry's text starts (text completions).
     offset: usize,
     finish: Option<String>,
@@ -93,20 +101,23 @@ async fn start(
                 sampling,
                 stop: plan.stop.clone(),
                 trace_id: trace_id.clone(),
+                report_prompt: plan.report_prompt,
             })
             .await?;
         let prompt = (index / plan.n) as usize;
-        let offset = plan
+        let echo = plan
             .echo
             .as_ref()
-            .map_or(0, |texts| texts.get(prompt).map_or(0, String::len));
+            .and_then(|texts| texts.get(prompt).cloned().flatten());
         let choice = Choice {
             index,
             prompt,
             prompt_tokens: 0,
             text: String::new(),
             logprobs: Vec::new(),
-            offset,
+            offset: echo.as_ref().map_or(0, String::len),
+            echo,
+            reported: None,
             finish: None,
             completion_tokens: 0,
         };
@@ -127,8 +138,8 @@ async fn start(
                 }
                 early.push(Some(outcome));
             }
-            Some(TaskEvent::Token { .. }) => {
-                return Err(ApiError::runner("a token arrived before its task started"))
+            Some(TaskEvent::Token { .. } | TaskEvent::Prompt { .. }) => {
+                return Err(ApiError::runner("a task reported before it started"))
             }
             None => return Err(ApiError::runner("task ended without an outcome")),
         }
@@ -159,7 +170,8 @@ pub async fn respond(
         kind,
         logprobs: plan.logprobs,
         include_usage: plan.include_usage,
-        echo: plan.echo.clone(),
+        echo: plan.echo.is_some(),
+        await_report: plan.report_prompt.is_some(),
         prompts: plan.prompts.len(),
     };
     if plan.stream {
@@ -178,7 +190,10 @@ struct Shape {
     kind: Kind,
     logprobs: Option<LogprobsShape>,
     include_usage: bool,
-    echo: Option<Vec<String>>,
+    /// Whether choices echo their prompts.
+    echo: bool,
+    /// Whether each choice waits for its runner's report of the prompt.
+    await_report: bool,
     prompts: usize,
 }
 
@@ -191,12 +206,41 @@ impl Shape {
         }
     }
 
-    fn logprobs(&self, entries: &[TokenLogprob], offset: usize) -> Value {
+    /// Logprobs of `entries` (text completions: after the echoed prompt's
+    /// own, when `prompt` is given).
+    fn logprobs(
+        &self,
+        prompt: Option<&ReportedPrompt>,
+        entries: &[TokenLogprob],
+        offset: usize,
+    ) -> Value {
         match self.logprobs {
             None => Value::Null,
             Some(LogprobsShape::Chat { .. }) => openai::chat_logprobs(entries),
-            Some(LogprobsShape::Completion { .. }) => openai::completion_logprobs(entries, offset),
+            Some(LogprobsShape::Completion { .. }) => {
+                openai::completion_logprobs(prompt, entries, offset)
+            }
         }
+    }
+
+    /// Takes the runner's report of a choice's prompt: the echoed text
+    /// where the request did not give it (token ids), and the logprobs
+    /// entries of the prompt's tokens.
+    fn on_report(&self, c: &mut Choice, report: ReportedPrompt) {
+        if self.echo && c.echo.is_none() {
+            let text = report.text();
+            c.offset = text.len();
+            c.echo = Some(text);
+        }
+        c.reported = Some(report);
+    }
+
+    /// The prompt's entries in a choice's logprobs: with `echo` and
+    /// `logprobs`, whose report scores the prompt.
+    fn echoed_entries<'c>(&self, c: &'c Choice) -> Option<&'c ReportedPrompt> {
+        c.reported
+            .as_ref()
+            .filter(|_| self.echo && self.logprobs.is_some())
     }
 
     /// Usage over every choice: each prompt counted once.
@@ -290,10 +334,18 @@ fn settle(c: &mut Choice, outcome: TaskOutcome, kind: Kind) -> Result<(), ApiErr
     Ok(())
 }
 
-async fn collect_one(mut c: Choice, mut task: TaskStream, kind: Kind) -> Result<Choice, ApiError> {
+async fn collect_one(
+    mut c: Choice,
+    mut task: TaskStream,
+    shape: &Shape,
+) -> Result<Choice, ApiError> {
+    let kind = shape.kind;
     while let Some(event) = task.next().await {
         match event {
             TaskEvent::Started { prompt_tokens } => c.prompt_tokens = prompt_tokens,
+            TaskEvent::Prompt { tokens, logprobs } => {
+                shape.on_report(&mut c, ReportedPrompt { tokens, logprobs })
+            }
             TaskEvent::Token { text, logprobs } => {
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
@@ -316,13 +368,16 @@ async fn collect_response(
     let runs = streams
         .into_iter()
         .zip(early)
-        .map(|((mut c, task), early)| async move {
-            match early {
-                Some(outcome) => {
-                    settle(&mut c, outcome, kind)?;
-                    Ok(c)
+        .map(|((mut c, task), early)| {
+            let shape = &shape;
+            async move {
+                match early {
+                    Some(outcome) => {
+                        settle(&mut c, outcome, kind)?;
+                        Ok(c)
+                    }
+                    None => collect_one(c, task, shape).await,
                 }
-                None => collect_one(c, task, kind).await,
             }
         });
     let mut choices = futures_util::future::try_join_all(runs).await?;
@@ -336,19 +391,15 @@ async fn collect_response(
                 Kind::Chat => json!({
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text, "refusal": null},
-                    "logprobs": shape.logprobs(&c.logprobs, 0),
+                    "logprobs": shape.logprobs(None, &c.logprobs, 0),
                     "finish_reason": finish,
                 }),
                 Kind::Completion => {
-                    let echo = shape
-                        .echo
-                        .as_ref()
-                        .and_then(|e| e.get(c.prompt))
-                        .map_or("", String::as_str);
+                    let echo = c.echo.as_deref().unwrap_or("");
                     json!({
                         "index": c.index,
                         "text": format!("{echo}{}", c.text),
-                        "logprobs": shape.logprobs(&c.logprobs, echo.len()),
+                        "logprobs": shape.logprobs(shape.echoed_entries(c), &c.logprobs, echo.len()),
                         "finish_reason": finish,
                     })
                 }
@@ -380,7 +431,7 @@ fn stream_response(
                 "finish_reason": null,
             })))),
             Kind::Completion => {
-                if let Some(echo) = shape.echo.as_ref().and_then(|e| e.get(c.prompt)) {
+                if let Some(echo) = c.echo.as_ref().filter(|_| !shape.await_report) {
                     opening.push(data(shape.piece(&c, echo, Value::Null, None)));
                 }
             }
@@ -458,8 +509,19 @@ impl StreamState {
                 c.prompt_tokens = prompt_tokens;
                 (Vec::new(), true)
             }
+            TaskEvent::Prompt { tokens, logprobs } => {
+                shape.on_report(c, ReportedPrompt { tokens, logprobs });
+                let Some(echo) = c.echo.clone().filter(|_| shape.echo) else {
+                    return (Vec::new(), true);
+                };
+                let lp = match shape.echoed_entries(c) {
+                    Some(prompt) => shape.logprobs(Some(prompt), &[], 0),
+                    None => Value::Null,
+                };
+                (vec![data(shape.piece(c, &echo, lp, None))], true)
+            }
             TaskEvent::Token { text, logprobs } => {
-                let lp = shape.logprobs(&logprobs, c.offset);
+                let lp = shape.logprobs(None, &logprobs, c.offset);
                 c.offset += logprobs
                     .iter()
                     .map(|e| String::from_utf8_lossy(&e.bytes.0).len())

@@ -13,7 +13,8 @@
 
 use std::collections::BTreeMap;
 
-use ipc::proto::{ChatTurn, Sampling, TaskInput, TokenLogprob};
+use ipc::proto::{ChatTurn, PromptReport, Sampling, TaskInput, TokenLogprob};
+use ipc::Blob;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -230,8 +231,13 @@ pub enum LogprobsShape {
 pub struct Plan {
     pub model: String,
     pub prompts: Vec<TaskInput>,
-    /// The prompts' texts, for `echo`.
-    pub echo: Option<Vec<String>>,
+    /// For `echo`, each prompt's text; `None` for a prompt of token ids,
+    /// whose text comes from the runner's report of its tokens.
+    pub echo: Option<Vec<Option<String>>>,
+    /// What each task's runner reports of its prompt: its tokens for the
+    /// echo of token ids, and their log-probabilities for `echo` with
+    /// `logprobs`.
+    pub report_prompt: Option<PromptReport>,
     pub n: u32,
     /// `None`: to the end of the turn, bounded by the context.
     pub max_tokens: Option<u32>,
@@ -535,27 +541,21 @@ impl OpenAiRequest for CompletionRequest {
             }
             None => None,
         };
-        if echo && top.is_some() {
-            return Err(ApiFailure::unsupported(
-                "echo",
-                "echo together with logprobs (log-probabilities of the prompt) is not supported by this server",
-            ));
-        }
-        if echo && prompts.iter().any(|p| matches!(p, TaskInput::Tokens(_))) {
-            return Err(ApiFailure::unsupported(
-                "echo",
-                "echo of a prompt given as token ids is not supported by this server",
-            ));
-        }
-        let texts = echo.then(|| {
+        let texts: Option<Vec<Option<String>>> = echo.then(|| {
             prompts
                 .iter()
                 .map(|p| match p {
-                    TaskInput::Text(s) => s.clone(),
-                    _ => String::new(),
+                    TaskInput::Text(s) => Some(s.clone()),
+                    _ => None,
                 })
                 .collect()
         });
+        let report_prompt = match (&texts, top) {
+            (None, _) => None,
+            (Some(_), Some(top)) => Some(PromptReport::Logprobs(top)),
+            (Some(texts), None) if texts.iter().any(Option::is_none) => Some(PromptReport::Tokens),
+            (Some(_), None) => None,
+        };
         let mut plan = self.common.plan(
             self.model.clone(),
             prompts,
@@ -563,6 +563,7 @@ impl OpenAiRequest for CompletionRequest {
             top.map(|top| LogprobsShape::Completion { top }),
         )?;
         plan.echo = texts;
+        plan.report_prompt = report_prompt;
         Ok(plan)
     }
 }
@@ -612,6 +613,7 @@ impl Common {
             model,
             prompts,
             echo: None,
+            report_prompt: None,
             n,
             max_tokens,
             sampling: Sampling {
@@ -720,25 +722,75 @@ pub fn chat_logprobs(entries: &[TokenLogprob]) -> Value {
     json!({ "content": content })
 }
 
-/// Text completion logprobs (`choices[].logprobs`), legacy shape;
-/// `offset` is where the first token's text starts in the choice's text.
-pub fn completion_logprobs(entries: &[TokenLogprob], mut offset: usize) -> Value {
+/// A prompt as its runner reported it ([`PromptReport`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReportedPrompt {
+    /// Every prompt token's bytes.
+    pub tokens: Vec<Blob>,
+    /// When scored: one per token after the first.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+impl ReportedPrompt {
+    /// The prompt's text: its tokens' bytes joined, as UTF-8 where they are.
+    pub fn text(&self) -> String {
+        let bytes: Vec<u8> = self
+            .tokens
+            .iter()
+            .flat_map(|b| b.0.iter().copied())
+            .collect();
+        token_text(&bytes)
+    }
+}
+
+/// Text completion logprobs (`choices[].logprobs`), legacy shape: the
+/// echoed prompt's tokens first when given (the first with `null`
+/// log-probabilities, as OpenAI answers: nothing precedes it), then
+/// `entries`; `offset` is where the first entry's text starts in the
+/// choice's text (after the echoed prompt).
+pub fn completion_logprobs(
+    prompt: Option<&ReportedPrompt>,
+    entries: &[TokenLogprob],
+    mut offset: usize,
+) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
     let mut text_offset = Vec::new();
+    let top_map = |e: &TokenLogprob| -> Value {
+        Value::Object(
+            e.top
+                .iter()
+                .map(|(b, lp)| (token_text(&b.0), json!(lp)))
+                .collect(),
+        )
+    };
+    if let Some(prompt) = prompt {
+        let mut at = 0;
+        for (i, bytes) in prompt.tokens.iter().enumerate() {
+            let text = token_text(&bytes.0);
+            text_offset.push(at);
+            at += text.len();
+            tokens.push(text);
+            match i.checked_sub(1).and_then(|j| prompt.logprobs.get(j)) {
+                Some(e) => {
+                    token_logprobs.push(json!(e.logprob));
+                    top_logprobs.push(top_map(e));
+                }
+                None => {
+                    token_logprobs.push(Value::Null);
+                    top_logprobs.push(Value::Null);
+                }
+            }
+        }
+    }
     for e in entries {
         let text = token_text(&e.bytes.0);
         text_offset.push(offset);
         offset += text.len();
         tokens.push(text);
-        token_logprobs.push(e.logprob);
-        let top: serde_json::Map<String, Value> = e
-            .top
-            .iter()
-            .map(|(b, lp)| (token_text(&b.0), json!(lp)))
-            .collect();
-        top_logprobs.push(Value::Object(top));
+        token_logprobs.push(json!(e.logprob));
+        top_logprobs.push(top_map(e));
     }
     json!({
         "tokens": tokens,

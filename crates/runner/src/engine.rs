@@ -8,6 +8,7 @@
 //! token, or one chunk of a long prompt).
 
 use ipc::proto::{InvalidTask, TaskRequest, TokenLogprob};
+use ipc::Blob;
 
 pub use ::engine::EngineError;
 
@@ -18,6 +19,13 @@ pub enum Step {
     /// the log-probabilities of the tokens it covers when the task asked.
     Token {
         text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The prompt, as the task's `report_prompt` asked: every token's bytes
+    /// and, when scored, one entry per token after the first. At most once
+    /// per task, before its first `Token`.
+    Prompt {
+        tokens: Vec<Blob>,
         logprobs: Vec<TokenLogprob>,
     },
     /// A chunk of the prompt was prefilled: `done` of `total` tokens.

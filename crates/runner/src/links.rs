@@ -15,6 +15,7 @@
 
 use std::time::{Duration, Instant};
 
+use engine::sampler::Scored;
 use engine::EngineError;
 use ipc::{Blob, ChannelConfig, Incoming};
 use serde::{Deserialize, Serialize};
@@ -35,24 +36,31 @@ pub enum LinkMsg {
     /// Pipeline: hidden states of `task_id` at positions `pos..`, for the
     /// next stage; `sampling` rides along until the last stage samples.
     /// `sample` is false for a chunk of a prompt that is not its last: the
-    /// last stage then answers `Prefilled` instead of sampling.
+    /// last stage then answers `Prefilled` instead of sampling. With
+    /// `score`, the last stage also scores the prompt tokens that follow
+    /// the chunk's positions.
     Activations {
         task_id: String,
         pos: u32,
         sampling: Sampling,
         sample: bool,
+        score: Option<ScoreTargets>,
         data: Blob,
     },
     /// Pipeline: the token the last stage sampled, back to rank 0, with its
-    /// log-probabilities when the task asked (see `engine::sampler::Sampled`).
+    /// log-probabilities when the task asked (see `engine::sampler::Sampled`)
+    /// and the chunk's scores when its `Activations` asked.
     Token {
         task_id: String,
         token: u32,
-        logprobs: Option<(f32, Vec<(u32, f32)>)>,
+        logprobs: Option<Scored>,
+        scores: Vec<Scored>,
     },
-    /// Pipeline: the last stage processed a prompt chunk (no token).
+    /// Pipeline: the last stage processed a prompt chunk (no token), with
+    /// the chunk's scores when asked.
     Prefilled {
         task_id: String,
+        scores: Vec<Scored>,
     },
     /// The task is over: free its KV cache.
     Finish {
@@ -76,6 +84,15 @@ pub enum LinkMsg {
         task_id: String,
         cause: String,
     },
+}
+
+/// The prompt tokens a chunk's logits score: `targets[i]` under the logits
+/// after the chunk's `i`-th position, with the `top` most likely
+/// alternatives (see `engine::sampler::score_rows`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreTargets {
+    pub top: u8,
+    pub targets: Vec<u32>,
 }
 
 /// How a link stopped yielding messages.

@@ -18,6 +18,13 @@
 //! answers `Prefilled`), the last one samples. Each chunk is reported to the
 //! node as progress, and other tasks take their turns in between.
 //!
+//! A task that asks for its prompt's log-probabilities (a text completion
+//! with `echo` and `logprobs`) is prefilled with the logits of every
+//! position: the shard that ends the model scores each prompt token under
+//! the logits of the position before it, chunk by chunk (in smaller chunks,
+//! [`SCORE_CHUNK`], to bound the `[chunk, vocab]` logits), and rank 0
+//! reports them all in one `Prompt` step before the first token.
+//!
 //! Closing goes front to back: rank 0 ends its outgoing links, each stage
 //! ends its own when its upstream ended, and rank 0 waits for the ends to
 //! come back around, so no stage sees `PeerLost` on a graceful path.
@@ -30,19 +37,21 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use engine::chat::{ChatMessage, ChatTemplate};
 use engine::loader::{load_shard, WeightFormat};
-use engine::model::{AllReduce, KvCache, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
-use engine::sampler::{Sampled, Sampler, SamplingParams};
+use engine::model::{
+    AllReduce, KvCache, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput,
+};
+use engine::sampler::{score_rows, Sampled, Sampler, SamplingParams, Scored};
 use engine::tokenizer::Tokenizer;
 use engine::wire::{tensor_from_bytes, tensor_to_bytes};
 use engine::EngineError;
-use ipc::proto::{InvalidTask, Sampling, TaskInput, TaskRequest, TokenLogprob};
+use ipc::proto::{InvalidTask, PromptReport, Sampling, TaskInput, TaskRequest, TokenLogprob};
 use ipc::Blob;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 
 use crate::engine::{Engine, StartError, Step};
-use crate::links::{self, Link, LinkEnd, LinkMsg};
+use crate::links::{self, Link, LinkEnd, LinkMsg, ScoreTargets};
 
 /// How the instance is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +89,10 @@ pub struct ModelEngineArgs {
 /// lands. llama.cpp's default micro-batch is the same size.
 pub const DEFAULT_PREFILL_CHUNK: u32 = 512;
 
+/// Prompt tokens per prefill step at most while a prompt is scored: its
+/// logits are `[chunk, vocab]` f32 (128 × 152k vocabulary ≈ 78 MB).
+pub const SCORE_CHUNK: usize = 128;
+
 /// What the engine tells the runner from outside a task.
 pub enum EngineNotice {
     /// A stage processed a step (the `running` phase of a rank > 0).
@@ -115,7 +128,17 @@ pub struct ModelTask {
     task_id: String,
     /// Tokens not yet fed to the model (the prompt, then each sampled token).
     pending: Vec<u32>,
+    /// The whole prompt, for its report and the scores' targets.
+    prompt: Vec<u32>,
     prompt_total: u32,
+    /// The prompt report still to send (cleared once sent).
+    report: Option<PromptReport>,
+    /// Scores of the prompt tokens prefilled so far (for
+    /// `PromptReport::Logprobs`): entry `i` scores `prompt[i + 1]`.
+    scores: Vec<Scored>,
+    /// The first token, sampled with the prompt's last chunk and held while
+    /// the prompt's report goes out.
+    ahead: Option<Sampled>,
     /// Log-probabilities of tokens whose text is still held back.
     held_logprobs: Vec<TokenLogprob>,
     pos: usize,
@@ -137,6 +160,22 @@ fn logits_of(output: StageOutput, who: &str) -> Result<Tensor, EngineError> {
         StageOutput::Logits(logits) => Ok(logits),
         StageOutput::Hidden(_) => Err(compute(format!("{who} must produce logits"))),
     }
+}
+
+/// Splits a scored chunk's logits (`[rows, vocab]` when `score` asked for
+/// every position) into the last row, which samples the next token, and the
+/// scores of the targets.
+fn split_scores(
+    logits: Tensor,
+    score: Option<&ScoreTargets>,
+) -> Result<(Tensor, Vec<Scored>), EngineError> {
+    let Some(score) = score else {
+        return Ok((logits, Vec::new()));
+    };
+    let scores = score_rows(&logits, &score.targets, usize::from(score.top))?;
+    let rows = logits.dim(0).map_err(compute)?;
+    let last = logits.get(rows - 1).map_err(compute)?;
+    Ok((last, scores))
 }
 
 fn compute(e: impl std::fmt::Display) -> EngineError {
@@ -326,16 +365,34 @@ impl ModelEngine {
         let tokens: Vec<u32> = task.pending.drain(..n).collect();
         let pos = task.pos;
         let handle = self.handle.clone();
-        let sampled = match self.topology.as_mut() {
+        // While the prompt is scored: the prompt tokens that follow this
+        // chunk's positions.
+        let score = match task.report {
+            Some(PromptReport::Logprobs(top)) => {
+                let len = task.prompt.len();
+                let targets = task.prompt[(pos + 1).min(len)..(pos + n + 1).min(len)].to_vec();
+                Some(ScoreTargets { top, targets })
+            }
+            _ => None,
+        };
+        let want = if score.is_some() {
+            Logits::All
+        } else {
+            Logits::Last
+        };
+        let (sampled, scores) = match self.topology.as_mut() {
             Some(Topology::Alone) | None => {
-                let output = shard.forward(
+                let output = shard.forward_logits(
                     StageInput::Tokens(tokens),
                     pos,
                     &mut task.cache,
                     &mut NoAllReduce,
+                    want,
                 )?;
-                let logits = logits_of(output, "a single shard")?;
-                sample.then(|| task.sampler.next(&logits)).transpose()?
+                let (logits, scores) =
+                    split_scores(logits_of(output, "a single shard")?, score.as_ref())?;
+                let sampled = sample.then(|| task.sampler.next(&logits)).transpose()?;
+                (sampled, scores)
             }
             Some(Topology::Ring { prev, next }) => {
                 let hidden = match shard.forward(
@@ -355,6 +412,7 @@ impl ModelEngine {
                     pos: pos as u32,
                     sampling: task.sampling.clone(),
                     sample,
+                    score,
                     data,
                 };
                 next.send(&handle, msg)?;
@@ -363,11 +421,19 @@ impl ModelEngine {
                         task_id,
                         token,
                         logprobs,
-                    } if task_id == task.task_id && sample => Some(Sampled {
-                        id: token,
-                        logprobs,
-                    }),
-                    LinkMsg::Prefilled { task_id } if task_id == task.task_id && !sample => None,
+                        scores,
+                    } if task_id == task.task_id && sample => (
+                        Some(Sampled {
+                            id: token,
+                            logprobs,
+                        }),
+                        scores,
+                    ),
+                    LinkMsg::Prefilled { task_id, scores }
+                        if task_id == task.task_id && !sample =>
+                    {
+                        (None, scores)
+                    }
                     LinkMsg::Failed { cause, .. } => return Err(compute(cause)),
                     other => {
                         return Err(compute(format!(
@@ -389,34 +455,64 @@ impl ModelEngine {
                     handle: &handle,
                     links,
                 };
-                let output = shard.forward(
+                let output = shard.forward_logits(
                     StageInput::Tokens(tokens),
                     pos,
                     &mut task.cache,
                     &mut reduce,
+                    want,
                 )?;
-                let logits = logits_of(output, "a tensor shard")?;
-                sample.then(|| task.sampler.next(&logits)).transpose()?
+                let (logits, scores) =
+                    split_scores(logits_of(output, "a tensor shard")?, score.as_ref())?;
+                let sampled = sample.then(|| task.sampler.next(&logits)).transpose()?;
+                (sampled, scores)
             }
         };
         task.pos += n;
+        task.scores.extend(scores);
         Ok(sampled)
     }
 
-    /// A generated token's log-probabilities with the token texts.
-    fn token_logprob(&self, id: u32, (logprob, top): (f32, Vec<(u32, f32)>)) -> TokenLogprob {
-        let bytes = |id: u32| {
-            Blob(
-                self.tokenizer
-                    .as_ref()
-                    .map(|t| t.token_bytes(id).to_vec())
-                    .unwrap_or_default(),
-            )
-        };
+    /// The prompt's report: its tokens' bytes and, when scored, each
+    /// token's log-probability after the first.
+    fn prompt_step(&self, task: &mut ModelTask) -> Result<Step, EngineError> {
+        let scores = std::mem::take(&mut task.scores);
+        let scored = matches!(task.report.take(), Some(PromptReport::Logprobs(_)));
+        if scored && scores.len() + 1 != task.prompt.len() {
+            return Err(compute(format!(
+                "scored {} of the prompt's {} tokens after the first",
+                scores.len(),
+                task.prompt.len() - 1
+            )));
+        }
+        let tokens = task.prompt.iter().map(|&id| self.token_blob(id)).collect();
+        let logprobs = task.prompt[1..]
+            .iter()
+            .zip(scores)
+            .map(|(&id, scored)| self.token_logprob(id, scored))
+            .collect();
+        Ok(Step::Prompt { tokens, logprobs })
+    }
+
+    /// A token's bytes (empty on a rank without the tokenizer).
+    fn token_blob(&self, id: u32) -> Blob {
+        Blob(
+            self.tokenizer
+                .as_ref()
+                .map(|t| t.token_bytes(id).to_vec())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A token's log-probabilities with the token texts.
+    fn token_logprob(&self, id: u32, (logprob, top): Scored) -> TokenLogprob {
         TokenLogprob {
-            bytes: bytes(id),
+            bytes: self.token_blob(id),
             logprob,
-            top: top.into_iter().map(|(id, lp)| (bytes(id), lp)).collect(),
+            top: top
+                .into_iter()
+                .map(|(id, lp)| (self.token_blob(id), lp))
+                .collect(),
         }
     }
 
@@ -653,8 +749,12 @@ impl Engine for ModelEngine {
         tracing::debug!(task = %request.task_id, prompt_tokens, "prompt tokenized");
         let task = ModelTask {
             task_id: request.task_id.clone(),
+            prompt: ids.clone(),
             pending: ids,
             prompt_total: prompt_tokens,
+            report: request.report_prompt,
+            scores: Vec::new(),
+            ahead: None,
             held_logprobs: Vec::new(),
             pos: 0,
             cache: shard.new_cache(),
@@ -677,22 +777,43 @@ impl Engine for ModelEngine {
                 completion_tokens: task.produced,
             });
         }
-        if task.produced >= task.max_tokens {
-            return self.finish(task, "length");
+        // The prompt's tokens alone need no forward pass.
+        if task.report == Some(PromptReport::Tokens) {
+            return self.prompt_step(task);
         }
-        let chunk = self.prefill_chunk();
-        if task.pending.len() > chunk {
-            self.forward_step(task, chunk, false)?;
-            // Until the prompt is in, the position is what was prefilled.
-            return Ok(Step::Prefilled {
-                done: task.pos as u32,
-                total: task.prompt_total,
-            });
-        }
-        let n = task.pending.len();
-        let sampled = self
-            .forward_step(task, n, true)?
-            .ok_or_else(|| compute("a sampling step produced no token"))?;
+        let sampled = match task.ahead.take() {
+            Some(sampled) => sampled,
+            None => {
+                // A prompt to score is prefilled even when nothing is to be
+                // generated (`echo` with `max_tokens` 0).
+                let scoring = task.report.is_some();
+                if task.produced >= task.max_tokens && !scoring {
+                    return self.finish(task, "length");
+                }
+                let chunk = if scoring {
+                    self.prefill_chunk().min(SCORE_CHUNK)
+                } else {
+                    self.prefill_chunk()
+                };
+                if task.pending.len() > chunk {
+                    self.forward_step(task, chunk, false)?;
+                    // Until the prompt is in, the position is what was
+                    // prefilled.
+                    return Ok(Step::Prefilled {
+                        done: task.pos as u32,
+                        total: task.prompt_total,
+                    });
+                }
+                let n = task.pending.len();
+                let sample = task.produced < task.max_tokens;
+                let sampled = self.forward_step(task, n, sample)?;
+                if scoring {
+                    task.ahead = sampled;
+                    return self.prompt_step(task);
+                }
+                sampled.ok_or_else(|| compute("a sampling step produced no token"))?
+            }
+        };
         let token = sampled.id;
         task.produced += 1;
         if self.eos.contains(&token) {
@@ -814,18 +935,25 @@ fn pipeline_stage(
                 pos,
                 sampling,
                 sample,
+                score,
                 data,
             } => {
                 notify(EngineNotice::StageStep);
                 let entry = tasks
                     .entry(task_id.clone())
                     .or_insert_with(|| (shard.new_cache(), None));
+                let want = if score.is_some() {
+                    Logits::All
+                } else {
+                    Logits::Last
+                };
                 let result = tensor_from_bytes(&data.0).and_then(|hidden| {
-                    shard.forward(
+                    shard.forward_logits(
                         StageInput::Hidden(hidden),
                         pos as usize,
                         &mut entry.0,
                         &mut NoAllReduce,
+                        want,
                     )
                 });
                 match result {
@@ -835,6 +963,7 @@ fn pipeline_stage(
                             pos,
                             sampling,
                             sample,
+                            score,
                             data: Blob(bytes),
                         },
                         Err(e) => LinkMsg::Failed {
@@ -842,20 +971,27 @@ fn pipeline_stage(
                             cause: e.to_string(),
                         },
                     },
-                    Ok(StageOutput::Logits(_)) if last && !sample => LinkMsg::Prefilled { task_id },
                     Ok(StageOutput::Logits(logits)) if last => {
                         let sampler = entry.1.get_or_insert_with(|| sampler_for(&sampling));
-                        match sampler.next(&logits) {
-                            Ok(sampled) => LinkMsg::Token {
-                                task_id,
-                                token: sampled.id,
-                                logprobs: sampled.logprobs,
-                            },
-                            Err(e) => LinkMsg::Failed {
-                                task_id,
-                                cause: e.to_string(),
-                            },
-                        }
+                        let answer =
+                            split_scores(logits, score.as_ref()).and_then(|(logits, scores)| {
+                                match sample {
+                                    false => Ok(LinkMsg::Prefilled {
+                                        task_id: task_id.clone(),
+                                        scores,
+                                    }),
+                                    true => sampler.next(&logits).map(|sampled| LinkMsg::Token {
+                                        task_id: task_id.clone(),
+                                        token: sampled.id,
+                                        logprobs: sampled.logprobs,
+                                        scores,
+                                    }),
+                                }
+                            });
+                        answer.unwrap_or_else(|e| LinkMsg::Failed {
+                            task_id,
+                            cause: e.to_string(),
+                        })
                     }
                     Ok(_) => LinkMsg::Failed {
                         task_id,

@@ -22,7 +22,7 @@ use ipc::proto::{
     FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, TaskRequest, ToRunner,
     TokenLogprob,
 };
-use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
+use ipc::{Blob, ChannelConfig, Control, Incoming, ShutdownMode};
 use supervisor::resources::{CleanupReport, CleanupResult, ResourceRegistry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -124,6 +124,12 @@ enum EngineEvent {
     Started {
         task_id: String,
         prompt_tokens: u32,
+    },
+    /// A task's prompt, as it asked to have it reported.
+    Prompt {
+        task_id: String,
+        tokens: Vec<Blob>,
+        logprobs: Vec<TokenLogprob>,
     },
     /// A chunk of a task's prompt was prefilled.
     Prefilled {
@@ -249,6 +255,15 @@ fn engine_thread<E: Engine>(
                         task_id: a.task_id.clone(),
                         done,
                         total,
+                    };
+                    active.push_back(a);
+                    ev
+                }
+                Ok(Step::Prompt { tokens, logprobs }) => {
+                    let ev = EngineEvent::Prompt {
+                        task_id: a.task_id.clone(),
+                        tokens,
+                        logprobs,
                     };
                     active.push_back(a);
                     ev
@@ -485,6 +500,18 @@ impl Runner {
                 self.send(FromRunner::TaskStarted {
                     task_id,
                     prompt_tokens,
+                })
+                .await
+            }
+            EngineEvent::Prompt {
+                task_id,
+                tokens,
+                logprobs,
+            } => {
+                self.send(FromRunner::Prompt {
+                    task_id,
+                    tokens,
+                    logprobs,
                 })
                 .await
             }

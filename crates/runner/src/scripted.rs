@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use ipc::proto::TaskRequest;
+use ipc::proto::{InvalidTask, PromptReport, TaskRequest};
+use ipc::Blob;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, StartError, Step};
@@ -43,6 +44,8 @@ pub struct ScriptedEngine {
 
 pub struct ScriptedTask {
     words: Vec<String>,
+    /// The prompt's words, when the task asked for its prompt's tokens.
+    report: Option<Vec<String>>,
     produced: u32,
     max_tokens: u32,
 }
@@ -91,9 +94,23 @@ impl Engine for ScriptedEngine {
         let prompt = request.last_user_text();
         let words = reply_words(&prompt);
         let prompt_tokens = prompt.split_whitespace().count() as u32;
+        let report = match request.report_prompt {
+            None => None,
+            // A word is a scripted engine's token.
+            Some(PromptReport::Tokens) => {
+                Some(prompt.split_whitespace().map(String::from).collect())
+            }
+            Some(PromptReport::Logprobs(_)) => {
+                return Err(StartError::Invalid(
+                    InvalidTask::InvalidPrompt,
+                    "a scripted engine has no model to score a prompt with".into(),
+                ))
+            }
+        };
         Ok((
             ScriptedTask {
                 words,
+                report,
                 produced: 0,
                 max_tokens: request
                     .max_tokens
@@ -104,6 +121,12 @@ impl Engine for ScriptedEngine {
     }
 
     fn step(&mut self, task: &mut ScriptedTask) -> Result<Step, EngineError> {
+        if let Some(words) = task.report.take() {
+            return Ok(Step::Prompt {
+                tokens: words.into_iter().map(|w| Blob(w.into_bytes())).collect(),
+                logprobs: Vec::new(),
+            });
+        }
         if task.produced >= task.max_tokens {
             return Ok(Step::Finished {
                 finish_reason: "length".into(),

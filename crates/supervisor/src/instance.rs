@@ -11,9 +11,10 @@
 //!   terminal [`TaskEvent::Done`], whatever happens to its runners: its
 //!   entry is removed from the table when, and only when, it is delivered.
 //! * A runner stalls when it has tasks in flight and reports no progress on
-//!   any of them (started, a prefilled chunk, a token, a task done) for
-//!   `task_stall_ms`; a task waiting its turn behind others is not a stall,
-//!   and neither is a long prompt, whose every chunk is progress.
+//!   any of them (started, a prefilled chunk, a prompt report, a token, a
+//!   task done) for `task_stall_ms`; a task waiting its turn behind others
+//!   is not a stall, and neither is a long prompt, whose every chunk is
+//!   progress.
 //! * A failure of any runner (exit, lost channel, hang, deadline, stall) is
 //!   fail-stop: in-flight tasks fail with the cause, siblings get a
 //!   cancel-mode shutdown, and the restart policy decides what follows.
@@ -26,10 +27,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipc::proto::{
-    FromRunner, Phase, RunnerState, Sampling, TaskInput, TaskOutcome, TaskRequest, ToRunner,
-    TokenLogprob,
+    FromRunner, Phase, PromptReport, RunnerState, Sampling, TaskInput, TaskOutcome, TaskRequest,
+    ToRunner, TokenLogprob,
 };
-use ipc::{ChannelStats, Control, ShutdownMode};
+use ipc::{Blob, ChannelStats, Control, ShutdownMode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -213,6 +214,8 @@ pub struct TaskSubmit {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub trace_id: String,
+    /// What the runner reports of the prompt before the first token.
+    pub report_prompt: Option<PromptReport>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -220,6 +223,12 @@ pub enum TaskEvent {
     /// The runner accepted the task (its prompt fits); always first unless
     /// the task ends without starting.
     Started { prompt_tokens: u32 },
+    /// The prompt, when the task asked for it: every token's bytes and,
+    /// scored, one entry per token after the first. Before any `Token`.
+    Prompt {
+        tokens: Vec<Blob>,
+        logprobs: Vec<TokenLogprob>,
+    },
     Token {
         text: String,
         logprobs: Vec<TokenLogprob>,
@@ -873,7 +882,8 @@ impl Actor {
         let bound = max_tokens
             .or(self.spec.context_length)
             .unwrap_or(DEFAULT_MAX_TOKENS);
-        let (tx, events) = mpsc::channel(bound as usize + 3);
+        // Every token, and Started, Prompt, Done and one to spare.
+        let (tx, events) = mpsc::channel(bound as usize + 4);
         let request = TaskRequest {
             task_id: task_id.clone(),
             trace_id: task.trace_id.clone(),
@@ -881,6 +891,7 @@ impl Actor {
             max_tokens,
             sampling: task.sampling,
             stop: task.stop,
+            report_prompt: task.report_prompt,
         };
         tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, "task admitted");
         // A runner that was idle starts its stall clock now.
@@ -968,6 +979,7 @@ impl Actor {
         if let RunnerEvent::Message(
             FromRunner::TaskStarted { .. }
             | FromRunner::TaskProgress { .. }
+            | FromRunner::Prompt { .. }
             | FromRunner::Token { .. }
             | FromRunner::TaskDone { .. },
         ) = &event
@@ -998,6 +1010,22 @@ impl Actor {
                 }
             }
             RunnerEvent::Message(FromRunner::TaskProgress { .. }) => {}
+            RunnerEvent::Message(FromRunner::Prompt {
+                task_id,
+                tokens,
+                logprobs,
+            }) => {
+                let Some(entry) = self.tasks.get_mut(&task_id).filter(|_| rank == 0) else {
+                    return;
+                };
+                if entry
+                    .tx
+                    .try_send(TaskEvent::Prompt { tokens, logprobs })
+                    .is_err()
+                {
+                    self.cancel_task(&task_id).await;
+                }
+            }
             RunnerEvent::Message(FromRunner::Token {
                 task_id,
                 text,

@@ -210,7 +210,21 @@ fn text_completion_prompts_defaults_and_echo() {
         plan.tasks().iter().map(|t| t.0).collect::<Vec<_>>(),
         [0, 1, 2, 3]
     );
-    assert_eq!(plan.echo, Some(vec!["a".into(), "b".into()]));
+    assert_eq!(plan.echo, Some(vec![Some("a".into()), Some("b".into())]));
+    assert_eq!(plan.report_prompt, None, "the texts are known");
+    // Echo with logprobs scores the prompt; echo of token ids reports them.
+    let plan = completion(
+        json!({"model": "m", "prompt": "a b", "echo": true, "logprobs": 3, "max_tokens": 0}),
+    )
+    .expect("accepted");
+    assert_eq!(plan.report_prompt, Some(PromptReport::Logprobs(3)));
+    assert_eq!(plan.sampling.logprobs, Some(3));
+    let plan = completion(json!({"model": "m", "prompt": [[1, 2], "x"], "echo": true}));
+    assert!(plan.is_err(), "a mix of ids and strings is not a prompt");
+    let plan =
+        completion(json!({"model": "m", "prompt": [[1, 2], [3]], "echo": true})).expect("accepted");
+    assert_eq!(plan.echo, Some(vec![None, None]));
+    assert_eq!(plan.report_prompt, Some(PromptReport::Tokens));
     let plan = completion(json!({"model": "m", "prompt": [[1, 2], [3]], "logprobs": 5}))
         .expect("accepted");
     assert_eq!(
@@ -275,11 +289,29 @@ fn completion_logprobs_offsets_count_from_the_echoed_prompt() {
             top: vec![(Blob(b".".to_vec()), -1.0)],
         },
     ];
-    let v = completion_logprobs(&entries, 4);
+    let v = completion_logprobs(None, &entries, 4);
     assert_eq!(v["tokens"], json!([" Paris", "."]));
     assert_eq!(v["token_logprobs"], json!([-0.25, -1.0]));
     assert_eq!(v["text_offset"], json!([4, 10]));
     assert_eq!(v["top_logprobs"][0][" Lyon"], json!(-2.0));
+    // With the echoed prompt "It is": its first token has null
+    // log-probabilities (nothing precedes it), the rest theirs; the
+    // generated entries' offsets start after the prompt's text.
+    let prompt = ReportedPrompt {
+        tokens: vec![Blob(b"It".to_vec()), Blob(b" is".to_vec())],
+        logprobs: vec![TokenLogprob {
+            bytes: Blob(b" is".to_vec()),
+            logprob: -0.5,
+            top: vec![(Blob(b" was".to_vec()), -0.375)],
+        }],
+    };
+    assert_eq!(prompt.text(), "It is");
+    let v = completion_logprobs(Some(&prompt), &entries, prompt.text().len());
+    assert_eq!(v["tokens"], json!(["It", " is", " Paris", "."]));
+    assert_eq!(v["token_logprobs"], json!([null, -0.5, -0.25, -1.0]));
+    assert_eq!(v["top_logprobs"][0], json!(null));
+    assert_eq!(v["top_logprobs"][1], json!({" was": -0.375}));
+    assert_eq!(v["text_offset"], json!([0, 2, 5, 11]));
     let c = chat_logprobs(&entries);
     assert_eq!(c["content"][0]["token"], " Paris");
     assert_eq!(c["content"][0]["bytes"], json!(b" Paris".to_vec()));

@@ -526,3 +526,44 @@ pub async fn wait_no_runners(instance: &str, limit: Duration) -> Duration {
     .await;
     start.elapsed()
 }
+
+/// Whether `python3 -c "import <module>"` works; otherwise says why the
+/// test that needs it skips (`engine::testing::skip`: a failure where CI
+/// requires it).
+pub fn python_has(module: &str, package: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        engine::testing::skip(&format!(
+            "the {package} Python package is not installed (pip install {package})"
+        ));
+    }
+    ok
+}
+
+/// Runs the Python check script `name` beside these tests with `args`
+/// within `limit`; fails the test unless it exits 0 and prints "checks
+/// passed". Returns its output.
+pub async fn python_checks(name: &str, args: &[String], limit: Duration) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/it")
+        .join(name);
+    let out = watchdog(
+        &format!("python3 {name}"),
+        limit,
+        tokio::process::Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    stdout
+}

@@ -10,5 +10,6 @@ mod model;
 mod node_crash;
 mod openai_sdk;
 mod partition;
+mod prompt_logprobs;
 mod runner_protocol;
 mod stress;

@@ -9,22 +9,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{create_ready, watchdog, TestNode};
+use crate::harness::{create_ready, python_checks, python_has, TestNode};
 use crate::model::smollm2;
-
-/// Whether `python3 -c "import openai"` works.
-fn sdk_installed() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_sdk_works_unchanged() {
     let Some(model) = smollm2() else { return };
-    if !sdk_installed() {
-        engine::testing::skip("the openai Python package is not installed (pip install openai)");
+    if !python_has("openai", "openai") {
         return;
     }
     let node = TestNode::start("openai-sdk");
@@ -39,24 +30,8 @@ async fn the_official_sdk_works_unchanged() {
         .and_then(|m| m["id"].as_str())
         .unwrap_or_else(|| panic!("no model name for {id}: {models}"))
         .to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/openai_sdk.py");
-    let out = watchdog(
-        "the openai SDK script",
-        Duration::from_secs(170),
-        tokio::process::Command::new("python3")
-            .args([script, &node.base, &name, &id])
-            .output(),
-    )
-    .await
-    .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "the SDK script failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("checks passed"), "{stdout}");
+    let args = [node.base.clone(), name, id.clone()];
+    python_checks("openai_sdk.py", &args, Duration::from_secs(170)).await;
     let report = node.delete(&id, "").await;
     assert_eq!(report["errors"], json!([]), "{report}");
     node.assert_quiet();

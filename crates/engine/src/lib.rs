@@ -9,6 +9,7 @@ pub mod chat;
 /// the demo model and the tests' real one.
 pub const FETCHED_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+pub mod arch;
 pub mod config;
 pub mod error;
 pub mod gguf_meta;

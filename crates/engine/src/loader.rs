@@ -43,6 +43,7 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use crate::arch::RopeScaling;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::model::{Embedding, Layer, Linear, Shard, ShardParts, ShardSpec};
@@ -181,16 +182,24 @@ fn detect(path: &Path) -> Result<ModelKind> {
     }
 }
 
-/// The tensors of a llama model, named per format by `WeightSource::name`.
+/// The tensors of a llama-family model, named per format by
+/// `WeightSource::name`.
 #[derive(Debug, Clone, Copy)]
 enum TensorKind {
     Embed,
     FinalNorm,
     LmHead,
+    /// Per-frequency RoPE factors (GGUF only).
+    RopeFreqs,
     AttnNorm(usize),
     Q(usize),
     K(usize),
     V(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    QNorm(usize),
+    KNorm(usize),
     O(usize),
     FfnNorm(usize),
     Gate(usize),
@@ -495,8 +504,9 @@ trait WeightSource {
     fn name(&self, kind: TensorKind) -> String;
     /// Locates `name`, checking that its bytes lie within the file.
     fn raw(&self, name: &str) -> Result<RawTensor<'_>>;
-    /// Whether q/k rows are in llama.cpp's permuted order.
-    fn permuted_qk(&self) -> bool;
+    /// Whether this format stores q/k rows in llama.cpp's permuted order
+    /// for architectures that say so (`Arch::gguf_permuted_qk`).
+    fn permutes_qk(&self) -> bool;
 }
 
 fn load_parts(
@@ -512,7 +522,7 @@ fn load_parts(
     let q_rows = heads.start * hd..heads.end * hd;
     let kv_rows = kv_heads.start * hd..kv_heads.end * hd;
     let ffn = spec.ffn_columns(cfg);
-    let rope_head_dim = src.permuted_qk().then_some(hd);
+    let rope_head_dim = (src.permutes_qk() && cfg.arch.gguf_permuted_qk).then_some(hd);
 
     let matrix = |kind: TensorKind,
                   full: [usize; 2],
@@ -528,6 +538,24 @@ fn load_parts(
         let raw = src.raw(&src.name(kind))?;
         raw.expect_dims(&[len])?;
         raw.vector()
+    };
+    // This rank's rows of a bias.
+    let bias = |kind: TensorKind, len: usize, rows: &Range<usize>| -> Result<Tensor> {
+        let raw = src.raw(&src.name(kind))?;
+        raw.expect_dims(&[len])?;
+        raw.vector()?
+            .narrow(0, rows.start, rows.len())
+            .map_err(|e| raw.err(e.to_string()))
+    };
+    let rope_factors = match cfg.rope_scaling {
+        RopeScaling::FreqFactors => {
+            let t = vector(TensorKind::RopeFreqs, hd / 2)?;
+            Some(
+                t.to_vec1::<f32>()
+                    .map_err(|e| EngineError::Compute(format!("rope_freqs.weight: {e}")))?,
+            )
+        }
+        _ => None,
     };
 
     let has_head = spec.has_lm_head(cfg);
@@ -611,6 +639,21 @@ fn load_parts(
                 rope_head_dim,
             )?,
             v_proj: matrix(TensorKind::V(i), [kvw, h], kv_rows.clone(), 0..h, None)?,
+            qkv_bias: match cfg.arch.qkv_bias {
+                false => None,
+                true => Some([
+                    bias(TensorKind::QBias(i), qw, &q_rows)?,
+                    bias(TensorKind::KBias(i), kvw, &kv_rows)?,
+                    bias(TensorKind::VBias(i), kvw, &kv_rows)?,
+                ]),
+            },
+            qk_norm: match cfg.arch.qk_norm {
+                false => None,
+                true => Some([
+                    vector(TensorKind::QNorm(i), hd)?,
+                    vector(TensorKind::KNorm(i), hd)?,
+                ]),
+            },
             o_proj: matrix(TensorKind::O(i), [h, qw], 0..h, q_rows.clone(), None)?,
             ffn_norm: vector(TensorKind::FfnNorm(i), h)?,
             gate_proj: matrix(TensorKind::Gate(i), [ffn_width, h], ffn.clone(), 0..h, None)?,
@@ -624,6 +667,7 @@ fn load_parts(
         layers,
         final_norm,
         lm_head,
+        rope_factors,
     })
 }
 
@@ -677,10 +721,16 @@ impl WeightSource for GgufSource {
             TensorKind::Embed => "token_embd.weight".into(),
             TensorKind::FinalNorm => "output_norm.weight".into(),
             TensorKind::LmHead => "output.weight".into(),
+            TensorKind::RopeFreqs => "rope_freqs.weight".into(),
             TensorKind::AttnNorm(i) => format!("blk.{i}.attn_norm.weight"),
             TensorKind::Q(i) => format!("blk.{i}.attn_q.weight"),
             TensorKind::K(i) => format!("blk.{i}.attn_k.weight"),
             TensorKind::V(i) => format!("blk.{i}.attn_v.weight"),
+            TensorKind::QBias(i) => format!("blk.{i}.attn_q.bias"),
+            TensorKind::KBias(i) => format!("blk.{i}.attn_k.bias"),
+            TensorKind::VBias(i) => format!("blk.{i}.attn_v.bias"),
+            TensorKind::QNorm(i) => format!("blk.{i}.attn_q_norm.weight"),
+            TensorKind::KNorm(i) => format!("blk.{i}.attn_k_norm.weight"),
             TensorKind::O(i) => format!("blk.{i}.attn_output.weight"),
             TensorKind::FfnNorm(i) => format!("blk.{i}.ffn_norm.weight"),
             TensorKind::Gate(i) => format!("blk.{i}.ffn_gate.weight"),
@@ -736,7 +786,7 @@ impl WeightSource for GgufSource {
         })
     }
 
-    fn permuted_qk(&self) -> bool {
+    fn permutes_qk(&self) -> bool {
         true
     }
 }
@@ -937,10 +987,17 @@ impl WeightSource for HfSource {
             TensorKind::Embed => "model.embed_tokens.weight".into(),
             TensorKind::FinalNorm => "model.norm.weight".into(),
             TensorKind::LmHead => "lm_head.weight".into(),
+            // Hugging Face configs give the scaling as parameters instead.
+            TensorKind::RopeFreqs => "rope_freqs.weight".into(),
             TensorKind::AttnNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
             TensorKind::Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
             TensorKind::K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
             TensorKind::V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+            TensorKind::QBias(i) => format!("model.layers.{i}.self_attn.q_proj.bias"),
+            TensorKind::KBias(i) => format!("model.layers.{i}.self_attn.k_proj.bias"),
+            TensorKind::VBias(i) => format!("model.layers.{i}.self_attn.v_proj.bias"),
+            TensorKind::QNorm(i) => format!("model.layers.{i}.self_attn.q_norm.weight"),
+            TensorKind::KNorm(i) => format!("model.layers.{i}.self_attn.k_norm.weight"),
             TensorKind::O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
             TensorKind::FfnNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
             TensorKind::Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
@@ -964,7 +1021,7 @@ impl WeightSource for HfSource {
         }
     }
 
-    fn permuted_qk(&self) -> bool {
+    fn permutes_qk(&self) -> bool {
         false
     }
 }

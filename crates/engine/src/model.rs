@@ -290,6 +290,10 @@ pub(crate) struct Layer {
     pub(crate) q_proj: Linear,
     pub(crate) k_proj: Linear,
     pub(crate) v_proj: Linear,
+    /// `[rows]` biases of q, k and v, sliced like their rows (`Arch::qkv_bias`).
+    pub(crate) qkv_bias: Option<[Tensor; 3]>,
+    /// `[head_dim]` RMSNorm weights of every q and k head (`Arch::qk_norm`).
+    pub(crate) qk_norm: Option<[Tensor; 2]>,
     pub(crate) o_proj: Linear,
     pub(crate) ffn_norm: Tensor,
     pub(crate) gate_proj: Linear,
@@ -303,6 +307,8 @@ pub(crate) struct ShardParts {
     pub(crate) layers: Vec<Layer>,
     pub(crate) final_norm: Option<Tensor>,
     pub(crate) lm_head: Option<Linear>,
+    /// Per-frequency RoPE factors (`RopeScaling::FreqFactors`).
+    pub(crate) rope_factors: Option<Vec<f32>>,
 }
 
 /// The keys and values of one layer: buffers `[kv_heads, capacity, head_dim]`
@@ -399,7 +405,8 @@ pub struct Shard {
     /// Both present iff `spec.has_lm_head(cfg)`.
     final_norm: Option<Tensor>,
     lm_head: Option<Linear>,
-    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`.
+    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, scaled as the
+    /// model says (`arch::rope_inv_freq`).
     inv_freq: Vec<f32>,
     local_heads: usize,
     local_kv_heads: usize,
@@ -453,10 +460,38 @@ impl Shard {
                     )));
                 }
             }
+            let vectors = layer
+                .qkv_bias
+                .iter()
+                .flat_map(|[q, k, v]| {
+                    [
+                        (q, local_heads * hd),
+                        (k, local_kv_heads * hd),
+                        (v, local_kv_heads * hd),
+                    ]
+                })
+                .chain(layer.qk_norm.iter().flat_map(|[q, k]| [(q, hd), (k, hd)]));
+            for (t, len) in vectors {
+                if t.dims() != [len] {
+                    return Err(bad(&format!(
+                        "layer {} has a bias or norm of shape {:?}, expected [{len}]",
+                        spec.layers.start + i,
+                        t.dims()
+                    )));
+                }
+            }
+            if layer.qkv_bias.is_some() != cfg.arch.qkv_bias
+                || layer.qk_norm.is_some() != cfg.arch.qk_norm
+            {
+                return Err(bad("biases or q/k norms do not match the architecture"));
+            }
         }
-        let inv_freq = (0..hd / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let inv_freq = crate::arch::rope_inv_freq(
+            cfg.rope_theta,
+            hd,
+            &cfg.rope_scaling,
+            parts.rope_factors.as_deref(),
+        )?;
         Ok(Shard {
             embedding: parts.embedding,
             layers: parts.layers,
@@ -596,8 +631,15 @@ impl Shard {
     ) -> Result<StageOutput> {
         let seq = x.dim(0)?;
         let (cos, sin) = self.rope_tables(pos, seq)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, pos, &self.device)?)
+        // One position attending to all before it needs no mask.
+        let windowed = self.cfg.sliding_window.is_some_and(|w| pos + seq > w);
+        let mask = if seq > 1 || windowed {
+            Some(causal_mask(
+                seq,
+                pos,
+                self.cfg.sliding_window,
+                &self.device,
+            )?)
         } else {
             None
         };
@@ -655,9 +697,29 @@ impl Shard {
         let heads_first = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             t.reshape((seq, heads, hd))?.transpose(0, 1)?.contiguous()
         };
-        let q = heads_first(layer.q_proj.forward(h)?, n_heads)?;
-        let k = heads_first(layer.k_proj.forward(h)?, n_kv)?;
-        let v = heads_first(layer.v_proj.forward(h)?, n_kv)?;
+        let (mut q, mut k, mut v) = (
+            layer.q_proj.forward(h)?,
+            layer.k_proj.forward(h)?,
+            layer.v_proj.forward(h)?,
+        );
+        if let Some([qb, kb, vb]) = &layer.qkv_bias {
+            q = q.broadcast_add(qb)?;
+            k = k.broadcast_add(kb)?;
+            v = v.broadcast_add(vb)?;
+        }
+        if let Some([qn, kn]) = &layer.qk_norm {
+            // RMSNorm over each head's own `head_dim` values.
+            let eps = self.cfg.rms_norm_eps as f32;
+            let per_head = |t: Tensor, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+                candle_nn::ops::rms_norm(&t.reshape((seq * heads, hd))?, w, eps)?
+                    .reshape((seq, heads * hd))
+            };
+            q = per_head(q, n_heads, qn)?;
+            k = per_head(k, n_kv, kn)?;
+        }
+        let q = heads_first(q, n_heads)?;
+        let k = heads_first(k, n_kv)?;
+        let v = heads_first(v, n_kv)?;
         let rope = |t: &Tensor| -> candle_core::Result<Tensor> {
             candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, cos, sin)?.squeeze(0)
         };
@@ -708,11 +770,22 @@ impl Shard {
 }
 
 /// `[seq, pos+seq]`: 0 where query `i` (at position `pos+i`) may attend to
-/// key `j`, minus infinity where `j` lies in its future.
-fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
+/// key `j`, minus infinity where `j` lies in its future or, with a sliding
+/// `window`, `window` or more positions back.
+fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let total = pos + seq;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                let q = pos + i;
+                if j > q || q - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (seq, total), device)?)
 }
@@ -723,6 +796,7 @@ mod tests {
 
     fn smollm() -> ModelConfig {
         ModelConfig {
+            arch: crate::arch::ARCHITECTURES[0],
             hidden_size: 576,
             intermediate_size: 1536,
             n_layers: 30,
@@ -731,9 +805,11 @@ mod tests {
             head_dim: 64,
             vocab_size: 49152,
             rope_theta: 100_000.0,
+            rope_scaling: crate::arch::RopeScaling::None,
             rms_norm_eps: 1e-5,
             max_position_embeddings: 8192,
             tie_word_embeddings: true,
+            sliding_window: None,
         }
     }
 
@@ -780,10 +856,23 @@ mod tests {
 
     #[test]
     fn causal_mask_with_offset() {
-        let m = causal_mask(2, 3, &Device::Cpu).expect("mask");
+        let m = causal_mask(2, 3, None, &Device::Cpu).expect("mask");
         let rows = m.to_vec2::<f32>().expect("rows");
         assert_eq!(rows[0][..4], [0.0; 4]);
         assert!(rows[0][4].is_infinite());
         assert_eq!(rows[1][..5], [0.0; 5]);
+    }
+
+    /// A window of 3: position 4 sees positions 2, 3 and 4 only.
+    #[test]
+    fn sliding_window_mask_hides_positions_a_window_back() {
+        let m = causal_mask(2, 3, Some(3), &Device::Cpu).expect("mask");
+        let open =
+            |row: &[f32]| -> Vec<usize> { (0..row.len()).filter(|&j| row[j] == 0.0).collect() };
+        let rows = m.to_vec2::<f32>().expect("rows");
+        assert_eq!(open(&rows[0]), [1, 2, 3], "position 3");
+        assert_eq!(open(&rows[1]), [2, 3, 4], "position 4");
+        let one = causal_mask(1, 5, Some(3), &Device::Cpu).expect("decode mask");
+        assert_eq!(open(&one.to_vec2::<f32>().unwrap()[0]), [3, 4, 5]);
     }
 }

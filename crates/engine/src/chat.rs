@@ -92,10 +92,14 @@ impl ChatTemplate {
     /// The template in GGUF metadata (`tokenizer.chat_template`), with the
     /// bos/eos texts looked up from `tokenizer.ggml.{bos,eos}_token_id`
     /// (empty when the ids are absent).
-    pub fn from_gguf(content: &gguf_file::Content) -> Result<ChatTemplate> {
+    /// `None` when the file has no `tokenizer.chat_template` (a base model:
+    /// it serves text completions only).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Option<ChatTemplate>> {
         let meta = GgufMeta::new(&content.metadata);
         let meta_err = |e: crate::gguf_meta::MetadataError| EngineError::Template(e.to_string());
-        let template = meta.str("tokenizer.chat_template").map_err(meta_err)?;
+        let Some(template) = meta.opt_str("tokenizer.chat_template").map_err(meta_err)? else {
+            return Ok(None);
+        };
         let tokens = meta.str_array("tokenizer.ggml.tokens").map_err(meta_err)?;
         let token_text = |key: &str| -> Result<&str> {
             match meta.opt_u32(key).map_err(meta_err)? {
@@ -110,13 +114,14 @@ impl ChatTemplate {
         };
         let bos = token_text("tokenizer.ggml.bos_token_id")?;
         let eos = token_text("tokenizer.ggml.eos_token_id")?;
-        Self::named("tokenizer.chat_template", template, bos, eos)
+        Self::named("tokenizer.chat_template", template, bos, eos).map(Some)
     }
 
     /// The template of a Hugging Face `tokenizer_config.json`. When the file
     /// has no `chat_template`, a `chat_template.jinja` next to it is used
-    /// (newer `transformers` save the template there).
-    pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<ChatTemplate> {
+    /// (newer `transformers` save the template there). `None` when there is
+    /// neither (a base model: it serves text completions only).
+    pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<Option<ChatTemplate>> {
         let path = path.as_ref();
         let json = std::fs::read_to_string(path)
             .map_err(|e| EngineError::Template(format!("{}: cannot read: {e}", path.display())))?;
@@ -125,22 +130,27 @@ impl ChatTemplate {
         match config.chat_template {
             Some(template) => {
                 let template = pick_template(template, &name)?;
-                Self::named(&name, &template, &config.bos_token, &config.eos_token)
+                Self::named(&name, &template, &config.bos_token, &config.eos_token).map(Some)
             }
             None => {
                 let jinja_path = path.with_file_name("chat_template.jinja");
-                let template = std::fs::read_to_string(&jinja_path).map_err(|e| {
-                    EngineError::Template(format!(
-                        "{name}: no chat_template, and {} cannot be read: {e}",
-                        jinja_path.display()
-                    ))
-                })?;
+                let template = match std::fs::read_to_string(&jinja_path) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(EngineError::Template(format!(
+                            "{name}: no chat_template, and {} cannot be read: {e}",
+                            jinja_path.display()
+                        )))
+                    }
+                };
                 Self::named(
                     &jinja_path.display().to_string(),
                     &template,
                     &config.bos_token,
                     &config.eos_token,
                 )
+                .map(Some)
             }
         }
     }

@@ -32,6 +32,25 @@ pub enum EngineError {
     Compute(String),
 }
 
+impl EngineError {
+    /// Whether the same attempt fails the same way again: everything about
+    /// the model's files and their fit (missing, corrupt, unsupported, a
+    /// shard that does not fit, a tokenizer or template that cannot be
+    /// read). A compute failure (which includes every data-plane link
+    /// error) may not recur.
+    pub fn recurs(&self) -> bool {
+        match self {
+            EngineError::Model { .. }
+            | EngineError::Tensor { .. }
+            | EngineError::Unsupported(_)
+            | EngineError::InvalidShard(_)
+            | EngineError::Tokenizer(_)
+            | EngineError::Template(_) => true,
+            EngineError::Compute(_) => false,
+        }
+    }
+}
+
 impl From<candle_core::Error> for EngineError {
     fn from(e: candle_core::Error) -> Self {
         EngineError::Compute(e.to_string())

@@ -219,6 +219,7 @@ mod tests {
         let tokenizer = crate::tokenizer::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
         let template =
             crate::chat::ChatTemplate::from_tokenizer_config(dir.join("tokenizer_config.json"))
+                .unwrap()
                 .unwrap();
         let prompt = template
             .render(&[crate::chat::ChatMessage::new("user", "héllo 42")], true)

@@ -233,14 +233,26 @@ pub enum RunnerState {
     Idle,
     Connecting,
     Connected,
-    Loading { done: u32, total: u32 },
+    Loading {
+        done: u32,
+        total: u32,
+    },
     Loaded,
     WarmingUp,
     Ready,
-    Running { tasks: u32 },
+    Running {
+        tasks: u32,
+    },
     ShuttingDown,
     Shutdown,
-    Failed { phase: Phase, cause: String },
+    /// `recurs`: the same start would fail the same way (the model file is
+    /// missing, corrupt or unsupported, or the shard does not fit it), so
+    /// restarting is pointless.
+    Failed {
+        phase: Phase,
+        cause: String,
+        recurs: bool,
+    },
 }
 
 /// The phase a runner is in, used to name where a failure happened.
@@ -342,6 +354,8 @@ pub enum InvalidTask {
     /// The prompt is empty, holds token ids outside the vocabulary, or the
     /// chat template refused the conversation.
     InvalidPrompt,
+    /// A chat request to a model without a chat template (a base model).
+    NoChatTemplate,
 }
 
 #[cfg(test)]
@@ -360,6 +374,7 @@ mod tests {
             RunnerState::Failed {
                 phase: Phase::Loading,
                 cause: "x".into(),
+                recurs: true,
             },
         ];
         let mut msgs: Vec<FromRunner> = states.into_iter().map(FromRunner::Status).collect();

@@ -77,6 +77,7 @@ fn outcome_error(outcome: TaskOutcome, kind: Kind) -> Option<ApiError> {
             let code = match code {
                 InvalidTask::ContextLengthExceeded => "context_length_exceeded",
                 InvalidTask::InvalidPrompt => "invalid_value",
+                InvalidTask::NoChatTemplate => "no_chat_template",
             };
             Some(ApiFailure::invalid(kind.prompt_param(), code, message).into())
         }

@@ -292,7 +292,7 @@ impl ModelEngine {
         };
         self.eos = tokenizer.eos_ids();
         self.tokenizer = Some(tokenizer);
-        self.template = Some(template);
+        self.template = template;
         Ok(())
     }
 
@@ -672,10 +672,6 @@ impl Engine for ModelEngine {
     }
 
     fn start(&mut self, request: &TaskRequest) -> Result<(ModelTask, u32), StartError> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or_else(|| compute("tasks go to rank 0"))?;
         let tokenizer = self
             .tokenizer
             .as_ref()
@@ -691,6 +687,12 @@ impl Engine for ModelEngine {
                         content: m.content.clone(),
                     })
                     .collect();
+                let template = self.template.as_ref().ok_or_else(|| {
+                    StartError::Invalid(
+                        InvalidTask::NoChatTemplate,
+                        "this model has no chat template, so it cannot answer chat requests: send a text completion (/v1/completions) instead".into(),
+                    )
+                })?;
                 let prompt = template
                     .render(&messages, true)
                     .map_err(|e| invalid(e.to_string()))?;

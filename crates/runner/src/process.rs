@@ -27,7 +27,7 @@ use supervisor::resources::{CleanupReport, CleanupResult, ResourceRegistry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::engine::{Engine, StartError, Step};
+use crate::engine::{Engine, EngineError, StartError, Step};
 use crate::fault::{FaultKind, FaultSpec};
 use crate::lifecycle;
 use crate::model::{EngineNotice, ModelEngine, ModelEngineArgs};
@@ -118,7 +118,7 @@ enum EngineEvent {
     },
     PhaseDone {
         phase: Phase,
-        result: Result<(), String>,
+        result: Result<(), PhaseError>,
     },
     /// A task passed its checks and its prefill begins.
     Started {
@@ -146,6 +146,22 @@ enum EngineEvent {
         task_id: String,
         outcome: TaskOutcome,
     },
+}
+
+/// Why a lifecycle phase failed, and whether trying again would fail the
+/// same way (`EngineError::recurs`).
+struct PhaseError {
+    cause: String,
+    recurs: bool,
+}
+
+impl From<EngineError> for PhaseError {
+    fn from(e: EngineError) -> Self {
+        PhaseError {
+            recurs: e.recurs(),
+            cause: e.to_string(),
+        }
+    }
 }
 
 struct Active<T> {
@@ -189,7 +205,7 @@ fn engine_thread<E: Engine>(
             None => true,
             Some(EngineCmd::Connect(peers, deadline)) => send(EngineEvent::PhaseDone {
                 phase: Phase::Connecting,
-                result: engine.connect(&peers, deadline).map_err(|e| e.to_string()),
+                result: engine.connect(&peers, deadline).map_err(PhaseError::from),
             }),
             Some(EngineCmd::Load) => {
                 let progress_events = events.clone();
@@ -198,12 +214,12 @@ fn engine_thread<E: Engine>(
                 });
                 send(EngineEvent::PhaseDone {
                     phase: Phase::Loading,
-                    result: result.map_err(|e| e.to_string()),
+                    result: result.map_err(PhaseError::from),
                 })
             }
             Some(EngineCmd::WarmUp) => send(EngineEvent::PhaseDone {
                 phase: Phase::WarmingUp,
-                result: engine.warm_up().map_err(|e| e.to_string()),
+                result: engine.warm_up().map_err(PhaseError::from),
             }),
             Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
                 Ok((task, prompt_tokens)) => {
@@ -467,7 +483,12 @@ impl Runner {
             EngineEvent::Fatal(cause) => {
                 let phase = self.state.phase();
                 tracing::error!(%phase, %cause, "engine failed");
-                self.set_state(RunnerState::Failed { phase, cause }).await;
+                let failed = RunnerState::Failed {
+                    phase,
+                    cause,
+                    recurs: false,
+                };
+                self.set_state(failed).await;
             }
             EngineEvent::Progress { done, total } => {
                 if matches!(self.state, RunnerState::Loading { .. }) {
@@ -476,10 +497,15 @@ impl Runner {
             }
             EngineEvent::PhaseDone {
                 phase,
-                result: Err(cause),
+                result: Err(PhaseError { cause, recurs }),
             } => {
-                tracing::error!(%phase, %cause, "phase failed");
-                self.set_state(RunnerState::Failed { phase, cause }).await;
+                tracing::error!(%phase, %cause, recurs, "phase failed");
+                let failed = RunnerState::Failed {
+                    phase,
+                    cause,
+                    recurs,
+                };
+                self.set_state(failed).await;
             }
             EngineEvent::PhaseDone {
                 phase,
@@ -773,6 +799,7 @@ async fn main_loop(args: RunnerArgs) -> i32 {
             let failed = RunnerState::Failed {
                 phase: Phase::Spawning,
                 cause,
+                recurs: false,
             };
             runner.set_state(failed).await;
         }

@@ -168,6 +168,9 @@ pub struct FailureReport {
     /// Runners that were not Ready at the time, with their state.
     pub not_ready: Vec<String>,
     pub stderr_tail: Vec<String>,
+    /// The runner said the same start would fail the same way (a bad or
+    /// unsupported model file): the instance is not restarted.
+    pub recurs: bool,
     /// The whole message as clients receive it.
     pub message: String,
 }
@@ -443,6 +446,7 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         delete_requested: false,
         connect_sent: false,
         pending_failure: None,
+        recurs: false,
     };
     tokio::spawn(actor.run(cmd_rx));
     handle
@@ -525,6 +529,9 @@ struct Actor {
     /// that peer dying, whose own exit names the real cause. Held for
     /// [`LINK_LOSS_GRACE`] so the failure is blamed on the right runner.
     pending_failure: Option<(usize, Phase, String, Instant)>,
+    /// A runner of the failed generation reported a failure that recurs:
+    /// the teardown ends in `Failed`, without asking the restart policy.
+    recurs: bool,
 }
 
 /// How long a lost-link report waits for the peer's own exit.
@@ -703,6 +710,7 @@ impl Actor {
                         state: RunnerState::Failed {
                             phase: Phase::Spawning,
                             cause: cause.clone(),
+                            recurs: false,
                         },
                         history: Vec::new(),
                         deadline: None,
@@ -1187,7 +1195,7 @@ impl Actor {
                     self.perform(actions).await;
                 }
             }
-            RunnerState::Failed { phase, cause } if cause.contains("data plane: ") => {
+            RunnerState::Failed { phase, cause, .. } if cause.contains("data plane: ") => {
                 // During a teardown the echo changes nothing; otherwise the
                 // first report is held for the peer's own exit.
                 let hold = self.teardown.is_none();
@@ -1196,7 +1204,15 @@ impl Actor {
                         .get_or_insert((rank, phase, cause, now + LINK_LOSS_GRACE));
                 }
             }
-            RunnerState::Failed { phase, cause } => self.fail(rank, phase, cause).await,
+            RunnerState::Failed {
+                phase,
+                cause,
+                recurs,
+            } => {
+                // Restarting cannot help a start that fails the same way.
+                self.recurs |= recurs;
+                self.fail(rank, phase, cause).await
+            }
             _ => {}
         }
     }
@@ -1322,6 +1338,7 @@ impl Actor {
             cause: cause.clone(),
             not_ready,
             stderr_tail,
+            recurs: self.recurs,
             message: message.clone(),
         });
         self.state = InstanceState::Failed {
@@ -1519,6 +1536,12 @@ impl Actor {
         }
         if !teardown.after_failure || self.delete_requested {
             self.state = InstanceState::Deleted;
+            return;
+        }
+        if std::mem::take(&mut self.recurs) {
+            if let InstanceState::Failed { cause } = &mut self.state {
+                cause.push_str("; not restarted: the same start would fail the same way (fix or replace the model, then create the instance again)");
+            }
             return;
         }
         let now = Instant::now();

@@ -132,19 +132,63 @@ async fn bad_models_get_clear_errors_and_the_node_keeps_serving() {
         v["error"]["message"].as_str().unwrap().contains("mamba"),
         "{v}"
     );
-    // A truncated weights file: the instance fails in loading, naming the file.
+    // A truncated weights file: the instance fails in loading, naming the
+    // file, at once: under the default restart policy (5 restarts) it is
+    // not restarted, since every restart would fail the same way.
     let cut = fresh_dir("cut").join("model");
     engine::testing::write_tiny_llama(&cut, 2).unwrap();
     let weights = cut.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    let id = node
-        .create(json!({"model": cut, "runners": 2, "restart": {"max_restarts": 0}}))
-        .await;
+    let id = node.create(json!({"model": cut, "runners": 2})).await;
     let v = node.wait_state(&id, &["failed"], LONG).await;
     let message = v["failure"]["message"].as_str().unwrap();
     assert!(message.contains("phase loading"), "{message}");
     assert!(message.contains("model.safetensors"), "{message}");
+    assert_eq!(v["failure"]["recurs"], true, "{v}");
+    // It stays failed: no restart follows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, v) = node.call("GET", &format!("/instance/{id}"), None).await;
+    assert_eq!(v["state"]["state"], "failed", "{v}");
+    assert_eq!(v["restarts"], 0, "{v}");
+    let cause = v["state"]["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains("not restarted"), "{v}");
+    // A model without a chat template (a base model) loads and serves text
+    // completions; a chat request to it is a 400 saying why.
+    let base = fresh_dir("base").join("model");
+    engine::testing::write_tiny_llama(&base, 3).unwrap();
+    let config_path = base.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let plain = create_ready(&node, json!({"model": base, "runners": 2})).await;
+    let (status, v) = node
+        .call(
+            "POST",
+            "/v1/completions",
+            Some(json!({"model": plain, "prompt": "once upon", "max_tokens": 4})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((1..=4).contains(&n), "{v}");
+    let (status, v) = node
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": plain, "messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "no_chat_template", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/completions"),
+        "{v}"
+    );
     // The node still serves a good model.
     let good = create_ready(&node, json!({"model": tiny, "runners": 2})).await;
     let (text, _) = greedy(&node, &good, "still fine", 4).await;

@@ -127,6 +127,13 @@ for model in models:
     check(c.logprobs.text_offset[n_prompt] == len(SHORT), f"{model}: generated offsets follow the prompt")
     check(all(x is not None for x in c.logprobs.token_logprobs[1:]), f"{model}: every later token is scored")
 
+    # n choices each echo the prompt with the same scores.
+    r = client.completions.create(model=model, prompt=SHORT, max_tokens=2, temperature=0, echo=True, logprobs=1, n=2)
+    check([ch.index for ch in r.choices] == [0, 1], f"{model}: two choices")
+    check(all(ch.text.startswith(SHORT) for ch in r.choices), f"{model}: each choice echoes")
+    check(r.choices[0].logprobs.token_logprobs[:n_prompt] == r.choices[1].logprobs.token_logprobs[:n_prompt],
+          f"{model}: the same prompt scores in every choice")
+
     # Streamed: the first chunk is the echoed prompt with its entries.
     chunks = [ch for ch in client.completions.create(
         model=model, prompt=SHORT, max_tokens=4, temperature=0, echo=True, logprobs=1, stream=True) if ch.choices]

@@ -60,6 +60,21 @@ pub fn skip(reason: &str) {
     eprintln!("skipped: {reason}");
 }
 
+/// Whether `python3 -c "import <module>"` works; otherwise says why the
+/// test that needs it skips (see [`skip`]: a failure where CI requires it).
+pub fn python_has(module: &str, package: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        skip(&format!(
+            "the {package} Python package is not installed (pip install {package})"
+        ));
+    }
+    ok
+}
+
 /// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh`
 /// (`$SHARDVISOR_MODELS` or the workspace's `models/`), if it is there;
 /// otherwise says why a test that needs it is skipped (see [`skip`]).

@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use candle_core::Tensor;
 use engine::loader::{load_shard, read_config, WeightFormat};
 use engine::model::{AllReduce, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
+use engine::testing::python_has;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -34,13 +35,6 @@ struct OracleFile {
     logits: Vec<Vec<f32>>,
     greedy: Vec<u32>,
     gaps: Vec<f32>,
-}
-
-fn python_has(module: &str) -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Two tensor-parallel ranks on threads: each sends its partial to the
@@ -222,13 +216,8 @@ fn bounds(rounding: f32, last_row: &[f32]) -> (f32, f32) {
 
 #[test]
 fn every_architecture_and_quantization_matches_llama_cpp() {
-    for (module, package) in [("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")] {
-        if !python_has(module) {
-            engine::testing::skip(&format!(
-                "the {package} Python package is not installed (pip install {package})"
-            ));
-            return;
-        }
+    if !python_has("gguf", "gguf") || !python_has("llama_cpp", "llama-cpp-python") {
+        return;
     }
     // `ARCH_ORACLE_DIR` keeps the files for a look afterwards.
     let keep = std::env::var_os("ARCH_ORACLE_DIR").map(PathBuf::from);

@@ -128,7 +128,8 @@ pub struct ModelTask {
     task_id: String,
     /// Tokens not yet fed to the model (the prompt, then each sampled token).
     pending: Vec<u32>,
-    /// The whole prompt, for its report and the scores' targets.
+    /// The whole prompt, for its report and the scores' targets (empty when
+    /// the task asked for no report).
     prompt: Vec<u32>,
     prompt_total: u32,
     /// The prompt report still to send (cleared once sent).
@@ -751,7 +752,11 @@ impl Engine for ModelEngine {
         tracing::debug!(task = %request.task_id, prompt_tokens, "prompt tokenized");
         let task = ModelTask {
             task_id: request.task_id.clone(),
-            prompt: ids.clone(),
+            // Kept only for the report (pending drains as prefill goes).
+            prompt: match request.report_prompt {
+                Some(_) => ids.clone(),
+                None => Vec::new(),
+            },
             pending: ids,
             prompt_total: prompt_tokens,
             report: request.report_prompt,

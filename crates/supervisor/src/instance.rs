@@ -982,6 +982,17 @@ impl Actor {
         let _ = entry.tx.try_send(TaskEvent::Done(outcome));
     }
 
+    /// Hands a task event to the task's stream; a stream that cannot take
+    /// it (the client went away, or stopped reading) cancels the task.
+    async fn deliver(&mut self, task_id: &str, event: TaskEvent) {
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        if entry.tx.try_send(event).is_err() {
+            self.cancel_task(task_id).await;
+        }
+    }
+
     async fn on_runner_event(&mut self, rank: usize, event: RunnerEvent) {
         let now = Instant::now();
         if let RunnerEvent::Message(
@@ -1005,51 +1016,32 @@ impl Actor {
             RunnerEvent::Message(FromRunner::TaskStarted {
                 task_id,
                 prompt_tokens,
-            }) => {
-                let Some(entry) = self.tasks.get_mut(&task_id).filter(|_| rank == 0) else {
-                    return;
-                };
-                if entry
-                    .tx
-                    .try_send(TaskEvent::Started { prompt_tokens })
-                    .is_err()
-                {
-                    self.cancel_task(&task_id).await;
-                }
+            }) if rank == 0 => {
+                self.deliver(&task_id, TaskEvent::Started { prompt_tokens })
+                    .await
             }
-            RunnerEvent::Message(FromRunner::TaskProgress { .. }) => {}
             RunnerEvent::Message(FromRunner::Prompt {
                 task_id,
                 tokens,
                 logprobs,
-            }) => {
-                let Some(entry) = self.tasks.get_mut(&task_id).filter(|_| rank == 0) else {
-                    return;
-                };
-                if entry
-                    .tx
-                    .try_send(TaskEvent::Prompt { tokens, logprobs })
-                    .is_err()
-                {
-                    self.cancel_task(&task_id).await;
-                }
+            }) if rank == 0 => {
+                self.deliver(&task_id, TaskEvent::Prompt { tokens, logprobs })
+                    .await
             }
+            // Progress only (the stall clock, above).
+            RunnerEvent::Message(
+                FromRunner::TaskStarted { .. }
+                | FromRunner::TaskProgress { .. }
+                | FromRunner::Prompt { .. },
+            ) => {}
             RunnerEvent::Message(FromRunner::Token {
                 task_id,
                 text,
                 logprobs,
                 ..
             }) => {
-                let Some(entry) = self.tasks.get_mut(&task_id) else {
-                    return;
-                };
-                if entry
-                    .tx
-                    .try_send(TaskEvent::Token { text, logprobs })
-                    .is_err()
-                {
-                    self.cancel_task(&task_id).await;
-                }
+                self.deliver(&task_id, TaskEvent::Token { text, logprobs })
+                    .await
             }
             RunnerEvent::Message(FromRunner::TaskDone { task_id, outcome }) => {
                 let Some(entry) = self.tasks.get_mut(&task_id) else {

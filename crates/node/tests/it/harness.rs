@@ -527,22 +527,6 @@ pub async fn wait_no_runners(instance: &str, limit: Duration) -> Duration {
     start.elapsed()
 }
 
-/// Whether `python3 -c "import <module>"` works; otherwise says why the
-/// test that needs it skips (`engine::testing::skip`: a failure where CI
-/// requires it).
-pub fn python_has(module: &str, package: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        engine::testing::skip(&format!(
-            "the {package} Python package is not installed (pip install {package})"
-        ));
-    }
-    ok
-}
-
 /// Runs the Python check script `name` beside these tests with `args`
 /// within `limit`; fails the test unless it exits 0 and prints "checks
 /// passed". Returns its output.

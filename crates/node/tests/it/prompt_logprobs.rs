@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{create_ready, python_checks, python_has, TestNode};
+use engine::testing::python_has;
+
+use crate::harness::{create_ready, python_checks, TestNode};
 use crate::model::smollm2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,23 +116,42 @@ impl<'a> GgufMeta<'a> {
     /// An array of integers (each in `i32` range, which is what token types
     /// are); `Ok(None)` when absent.
     pub fn opt_i32_array(&self, key: &str) -> Result<Option<Vec<i32>>, MetadataError> {
+        self.opt_array_of(key, "an integer in i32 range", |item| {
+            integer_i64(item).and_then(|v| i32::try_from(v).ok())
+        })
+    }
+
+    /// An array of floats (SentencePiece scores); `Ok(None)` when absent.
+    pub fn opt_f32_array(&self, key: &str) -> Result<Option<Vec<f32>>, MetadataError> {
+        self.opt_array_of(key, "a float", |item| match item {
+            Value::F32(v) => Some(*v),
+            Value::F64(v) => Some(*v as f32),
+            _ => None,
+        })
+    }
+
+    /// An array whose every element `convert` accepts (`expected` says what
+    /// it wants, for the error); `Ok(None)` when absent.
+    fn opt_array_of<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        convert: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, MetadataError> {
         if self.get(key).is_none() {
             return Ok(None);
         }
-        let items = self.array(key)?;
-        items
+        self.array(key)?
             .iter()
             .enumerate()
             .map(|(idx, item)| {
-                integer_i64(item)
-                    .and_then(|v| i32::try_from(v).ok())
-                    .ok_or_else(|| MetadataError {
-                        key: key.to_string(),
-                        detail: format!(
-                            "element {idx}: expected an integer in i32 range, found {}",
-                            type_name(item)
-                        ),
-                    })
+                convert(item).ok_or_else(|| MetadataError {
+                    key: key.to_string(),
+                    detail: format!(
+                        "element {idx}: expected {expected}, found {}",
+                        type_name(item)
+                    ),
+                })
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)

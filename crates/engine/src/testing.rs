@@ -239,7 +239,7 @@ mod tests {
         let prompt = template
             .render(&[crate::chat::ChatMessage::new("user", "héllo 42")], true)
             .unwrap();
-        let ids = tokenizer.encode(&prompt, true);
+        let ids = tokenizer.encode(&prompt, true).expect("encode");
         assert_eq!(ids[0], 257, "starts with <|im_start|>");
         assert_eq!(tokenizer.decode(&ids, false), prompt);
         assert!(tokenizer.eos_ids().contains(&258));

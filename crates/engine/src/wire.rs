@@ -1,5 +1,5 @@
 //! Activations between processes: a tensor as raw little-endian bytes after
-//! a small header, not through serde (DESIGN §5).
+//! a small header, not through serde.
 //!
 //! Layout: `rank: u32 LE`, then `rank` dims (`u32 LE` each), then the
 //! `product(dims)` elements as `f32 LE`, and nothing after them.

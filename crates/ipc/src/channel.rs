@@ -1,7 +1,7 @@
 //! A channel end: a [`Sender`] and a [`Receiver`] driven by two tasks, one
 //! owning the read half of the stream and one owning the write half.
 //!
-//! Ownership (invariant 1 of DESIGN §2): the reader task alone reads the
+//! Ownership (invariant 1, one owner, ARCHITECTURE.md): the reader task alone reads the
 //! socket and alone decides the receive outcome (`End` or `PeerLost`); the
 //! writer task alone writes it. Applications talk to them through bounded
 //! queues and never close anything from the side.

@@ -226,7 +226,7 @@ pub struct ReleasedResource {
     pub error: Option<String>,
 }
 
-/// The runner state machine of DESIGN §3.
+/// The runner state machine (`runner::lifecycle`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunnerState {

@@ -2,7 +2,7 @@
 //! `shardvisor` binary as `shardvisor runner …`.
 //!
 //! It talks to its node over the inherited fd 3 (an `ipc` channel), follows
-//! the runner state machine of DESIGN §3 ([`lifecycle`]), runs an [`Engine`]
+//! the runner state machine ([`lifecycle`]), runs an [`Engine`]
 //! on a dedicated thread so the control lane stays responsive while the
 //! engine computes, and ends in one of two ways only: an announced shutdown
 //! (`Shutdown` → drain → `End` → exit 0), or an exit of its own when the node
@@ -16,6 +16,7 @@ pub mod lifecycle;
 mod links;
 pub use links::DATA_HOST_ENV;
 pub mod model;
+pub mod prefill;
 mod process;
 pub mod scripted;
 

@@ -1,4 +1,4 @@
-//! The runner state machine (DESIGN §3) as a pure function: which message is
+//! The runner state machine as a pure function: which message is
 //! admitted in which state. Anything else is answered with a rejection that
 //! names the message and the state, never a crash.
 

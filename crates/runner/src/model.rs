@@ -16,7 +16,9 @@
 //! A prompt longer than the prefill chunk is fed one chunk per step: every
 //! chunk but the last only advances the KV caches (a pipeline's last stage
 //! answers `Prefilled`), the last one samples. Each chunk is reported to the
-//! node as progress, and other tasks take their turns in between.
+//! node as progress, and other tasks take their turns in between. The
+//! chunk is the instance's `prefill_chunk`, or else adapts to aim each step
+//! at a couple of seconds of compute ([`crate::prefill`]).
 //!
 //! A task that asks for its prompt's log-probabilities (a text completion
 //! with `echo` and `logprobs`) is prefilled with the logits of every
@@ -83,10 +85,12 @@ pub struct ModelEngineArgs {
     pub prefill_chunk: Option<u32>,
 }
 
-/// Prompt tokens per prefill step when the instance names no other. Each
-/// chunk is one step: it reports progress (so a long prompt is never taken
-/// for a stall), lets other tasks take their turn, and is where a cancel
-/// lands. llama.cpp's default micro-batch is the same size.
+/// Prompt tokens per prefill step at most when the instance names no
+/// chunk; steps shrink from it when they take longer than
+/// [`crate::prefill::STEP_TARGET`]. Each chunk is one step: it reports
+/// progress (so a long prompt is never taken for a stall), lets other tasks
+/// take their turn, and is where a cancel lands. llama.cpp's default
+/// micro-batch is the same size.
 pub const DEFAULT_PREFILL_CHUNK: u32 = 512;
 
 /// Prompt tokens per prefill step at most while a prompt is scored: its
@@ -142,6 +146,8 @@ pub struct ModelTask {
     ahead: Option<Sampled>,
     /// Log-probabilities of tokens whose text is still held back.
     held_logprobs: Vec<TokenLogprob>,
+    /// Prompt tokens the next prefill step takes ([`crate::prefill`]).
+    chunk: usize,
     pos: usize,
     cache: KvCache,
     sampler: Sampler,
@@ -517,11 +523,20 @@ impl ModelEngine {
         }
     }
 
-    fn prefill_chunk(&self) -> usize {
-        self.args
+    /// The most prompt tokens one prefill step takes: the instance's
+    /// `prefill_chunk` (then always exactly that) or the default, at most
+    /// [`SCORE_CHUNK`] while a prompt is scored.
+    fn chunk_ceiling(&self, scoring: bool) -> usize {
+        let chunk = self
+            .args
             .prefill_chunk
             .unwrap_or(DEFAULT_PREFILL_CHUNK)
-            .max(1) as usize
+            .max(1) as usize;
+        if scoring {
+            chunk.min(SCORE_CHUNK)
+        } else {
+            chunk
+        }
     }
 }
 
@@ -697,9 +712,13 @@ impl Engine for ModelEngine {
                 let prompt = template
                     .render(&messages, true)
                     .map_err(|e| invalid(e.to_string()))?;
-                tokenizer.encode(&prompt, true)
+                tokenizer
+                    .encode_prompt(&prompt)
+                    .map_err(|e| invalid(e.to_string()))?
             }
-            TaskInput::Text(text) => tokenizer.encode(text, true),
+            TaskInput::Text(text) => tokenizer
+                .encode_prompt(text)
+                .map_err(|e| invalid(e.to_string()))?,
             TaskInput::Tokens(ids) => {
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                     return Err(invalid(format!(
@@ -763,6 +782,7 @@ impl Engine for ModelEngine {
             scores: Vec::new(),
             ahead: None,
             held_logprobs: Vec::new(),
+            chunk: self.chunk_ceiling(request.report_prompt.is_some()),
             pos: 0,
             cache: shard.new_cache(),
             sampler: sampler_for(&request.sampling),
@@ -797,13 +817,17 @@ impl Engine for ModelEngine {
                 if task.produced >= task.max_tokens && !scoring {
                     return self.finish(task, "length");
                 }
-                let chunk = if scoring {
-                    self.prefill_chunk().min(SCORE_CHUNK)
-                } else {
-                    self.prefill_chunk()
-                };
+                let chunk = task.chunk;
                 if task.pending.len() > chunk {
+                    let started = std::time::Instant::now();
                     self.forward_step(task, chunk, false)?;
+                    if self.args.prefill_chunk.is_none() {
+                        task.chunk = crate::prefill::next_chunk(
+                            chunk,
+                            started.elapsed(),
+                            self.chunk_ceiling(scoring),
+                        );
+                    }
                     // Until the prompt is in, the position is what was
                     // prefilled.
                     return Ok(Step::Prefilled {

@@ -4,7 +4,7 @@
 //!
 //! Invariants:
 //! * Every status change is sent to the node in order, so the node sees the
-//!   exact state sequence (DESIGN §3).
+//!   exact state sequence (`lifecycle`).
 //! * Every task admitted gets exactly one `TaskDone`, from the engine thread
 //!   (completed, cancelled or failed); a message that does not fit the
 //!   state gets a `Rejected` reply (a task gets a failed `TaskDone`).
@@ -658,7 +658,7 @@ impl Runner {
         if let Some(plan) = &mut self.shutdown {
             plan.releasing = true;
         }
-        // Release in reverse dependency order (DESIGN §4, closing). Today the
+        // Release in reverse dependency order (invariant 8, reverse-dependency cleanup). Today the
         // engine (its thread and model) is the one resource besides the
         // node channel, which closes last, after the report went out on it.
         let mut registry = ResourceRegistry::new();

@@ -9,7 +9,7 @@
 //! after every message the runner managed to send.
 //!
 //! Hang detection: a ping every `interval`; a ping left without a pong for
-//! `timeout` means the runner is hung: it is SIGKILLed (DESIGN §4) and
+//! `timeout` means the runner is hung: it is SIGKILLed (the shutdown's kill phase) and
 //! reported as [`RunnerEvent::Hung`] before its exit.
 
 use std::path::PathBuf;

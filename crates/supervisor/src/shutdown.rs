@@ -1,4 +1,4 @@
-//! The three-phase shutdown of an instance (DESIGN §4) as a pure state
+//! The three-phase shutdown of an instance as a pure state
 //! machine: events in (acks, ends, exits, the clock), actions out (close a
 //! channel, escalate a stop). The instance task performs the actions.
 //!

@@ -544,7 +544,7 @@ fn prompt_of(model: &std::path::Path, tokens: usize) -> String {
     let sentence = "The river ran past the old mill, and the miller counted sacks of grain \
                     while his daughter read about ships, stars and distant cities. ";
     let mut text = String::new();
-    while tokenizer.encode(&text, false).len() < tokens {
+    while tokenizer.encode(&text, false).expect("encode").len() < tokens {
         text.push_str(sentence);
     }
     text

@@ -5,25 +5,51 @@
 //! * The template is compiled once, in the constructor; a template that does
 //!   not compile is a constructor error, never a render-time surprise.
 //! * The environment matches `transformers`' `apply_chat_template`:
-//!   `trim_blocks` and `lstrip_blocks` on, no auto-escaping, and the globals
-//!   and filters chat templates rely on: `raise_exception(msg)` (a render
-//!   error carrying `msg`), `tojson` (Python `json.dumps` separators), and
-//!   the Python string and dict methods templates call (`.strip()`,
-//!   `.startswith()`, `.items()` …, see [`python_method`]).
+//!   `trim_blocks` and `lstrip_blocks` on, no auto-escaping, loop controls
+//!   (`{% break %}`, `{% continue %}`), `namespace()`, and the globals and
+//!   filters chat templates rely on: `raise_exception(msg)` (a render error
+//!   carrying `msg`), `strftime_now(format)` (UTC), `tojson` (Python
+//!   `json.dumps` separators), and the Python string and dict methods
+//!   templates call (`.strip()`, `.startswith()`, `.items()` …, see
+//!   [`jinja::python_method`]). Checked against Python's `jinja2` with
+//!   `transformers`' definitions (`tests/chat_it.rs`).
 //! * The render context is `messages`, `add_generation_prompt`, `bos_token`
-//!   and `eos_token`, the names `transformers` uses.
+//!   and `eos_token`, the names `transformers` uses, plus what the caller
+//!   adds ([`RenderOptions`]: `tools`, `enable_thinking`, any other
+//!   template variable).
 //! * Rendering never panics; a template that raises or misuses a value is an
 //!   [`EngineError::Template`] carrying minijinja's message and line.
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use minijinja::value::{from_args, Value, ValueKind};
-use minijinja::{context, AutoEscape, Environment, Error, ErrorKind, State};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use minijinja::value::{Value, ValueKind};
+use minijinja::{AutoEscape, Environment};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::gguf_meta::GgufMeta;
+
+mod jinja;
+#[cfg(test)]
+use jinja::python_whitespace_split;
+use jinja::{python_method, strftime_at, tojson};
+
+/// What a render may add to the context beyond the conversation.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    /// `tools`: the tool definitions (OpenAI `tools`), or `None` (the
+    /// variable is then `none`, as `transformers` passes it).
+    pub tools: Option<serde_json::Value>,
+    /// Further template variables (`enable_thinking`, `date_string`, …).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// "Use the system clock" for [`ChatTemplate::with_fixed_time`].
+const SYSTEM_CLOCK: i64 = i64::MIN;
 
 /// One turn of a conversation, as the template sees it
 /// (`message['role']`, `message['content']`).
@@ -50,6 +76,8 @@ pub struct ChatTemplate {
     name: String,
     bos_token: String,
     eos_token: String,
+    /// The time `strftime_now` formats: Unix seconds, or [`SYSTEM_CLOCK`].
+    fixed_time: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -76,7 +104,26 @@ impl ChatTemplate {
         // minijinja would pick escaping from the name's extension (".json"
         // means JSON-escape); a prompt must come out verbatim.
         env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.add_function("raise_exception", raise_exception);
+        // Python prints True, False and None; minijinja would print true,
+        // false and none.
+        env.set_formatter(|out, state, value| match value.kind() {
+            ValueKind::Bool if value.is_true() => out.write_str("True").map_err(Into::into),
+            ValueKind::Bool => out.write_str("False").map_err(Into::into),
+            ValueKind::None => out.write_str("None").map_err(Into::into),
+            _ => minijinja::escape_formatter(out, state, value),
+        });
+        env.add_function("raise_exception", jinja::raise_exception);
+        let fixed_time = Arc::new(AtomicI64::new(SYSTEM_CLOCK));
+        let clock = Arc::clone(&fixed_time);
+        env.add_function("strftime_now", move |format: &str| {
+            let at = match clock.load(Ordering::Relaxed) {
+                SYSTEM_CLOCK => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                fixed => fixed,
+            };
+            strftime_at(at, format)
+        });
         env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(name.to_string(), template.to_string())
@@ -86,7 +133,15 @@ impl ChatTemplate {
             name: name.to_string(),
             bos_token: bos.to_string(),
             eos_token: eos.to_string(),
+            fixed_time,
         })
+    }
+
+    /// Makes `strftime_now` format `unix_seconds` instead of the clock's
+    /// time, so a render is reproducible.
+    pub fn with_fixed_time(self, unix_seconds: i64) -> Self {
+        self.fixed_time.store(unix_seconds, Ordering::Relaxed);
+        self
     }
 
     /// The template in GGUF metadata (`tokenizer.chat_template`), with the
@@ -171,17 +226,46 @@ impl ChatTemplate {
     /// appends the header of the assistant's reply (e.g.
     /// `<|im_start|>assistant\n`), so the model continues as the assistant.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let messages = serde_json::to_value(messages)
+            .map_err(|e| EngineError::Template(format!("cannot pass the messages: {e}")))?;
+        self.render_with(&messages, add_generation_prompt, &RenderOptions::default())
+    }
+
+    /// Renders `messages` as they are (a JSON array of message objects:
+    /// `content` may be a list of parts, an assistant turn may carry
+    /// `tool_calls`, a `tool` turn its `tool_call_id` …) with the options'
+    /// variables added.
+    pub fn render_with(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        options: &RenderOptions,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(&self.name)
             .map_err(|e| EngineError::Template(format!("cannot load compiled template: {e}")))?;
+        let mut context: std::collections::BTreeMap<String, Value> = options
+            .extra
+            .iter()
+            .map(|(name, value)| (name.clone(), Value::from_serialize(value)))
+            .collect();
+        context.insert("messages".into(), Value::from_serialize(messages));
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        context.insert("bos_token".into(), Value::from(self.bos_token.as_str()));
+        context.insert("eos_token".into(), Value::from(self.eos_token.as_str()));
+        context.insert(
+            "tools".into(),
+            options
+                .tools
+                .as_ref()
+                .map_or(Value::from(()), Value::from_serialize),
+        );
         template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
+            .render(Value::from(context))
             .map_err(|e| EngineError::Template(format!("cannot render: {e}")))
     }
 
@@ -279,205 +363,6 @@ fn pick_template(template: TemplateJson, name: &str) -> Result<String> {
                 })
         }
     }
-}
-
-/// `raise_exception(msg)`: templates call it to reject a conversation
-/// (e.g. roles that do not alternate); the message reaches the caller.
-fn raise_exception(message: String) -> std::result::Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message))
-}
-
-/// `tojson` as `transformers` defines it: Python's `json.dumps` with
-/// `ensure_ascii = False`, so `", "` and `": "` separators without `indent`,
-/// and pretty printing with `indent`.
-fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, Error> {
-    use serde::Serialize as _;
-    let mut out = Vec::new();
-    let result = match indent {
-        Some(width) => {
-            let indent_text = vec![b' '; width];
-            let mut serializer = serde_json::Serializer::with_formatter(
-                &mut out,
-                serde_json::ser::PrettyFormatter::with_indent(&indent_text),
-            );
-            value.serialize(&mut serializer)
-        }
-        None => {
-            let mut serializer =
-                serde_json::Serializer::with_formatter(&mut out, PythonJsonFormatter);
-            value.serialize(&mut serializer)
-        }
-    };
-    result.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    Ok(Value::from_safe_string(text))
-}
-
-/// serde_json's compact output with Python's default separators.
-struct PythonJsonFormatter;
-
-impl serde_json::ser::Formatter for PythonJsonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
-        writer.write_all(b": ")
-    }
-}
-
-/// Python methods that Hugging Face chat templates call on strings and
-/// dicts, which Jinja2 gets from Python and minijinja does not have:
-/// `strip`/`lstrip`/`rstrip` (optional chars), `startswith`, `endswith`,
-/// `upper`, `lower`, `title`, `capitalize`, `split` (optional separator and
-/// maxsplit), `replace`; `items`, `keys`, `values`, `get`.
-fn python_method(
-    state: &State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> std::result::Result<Value, Error> {
-    if let (ValueKind::String, Some(text)) = (value.kind(), value.as_str()) {
-        return match method {
-            "strip" | "lstrip" | "rstrip" => {
-                let (chars,): (Option<&str>,) = from_args(args)?;
-                let strip_char = |c: char| chars.map_or(c.is_whitespace(), |set| set.contains(c));
-                let stripped = match method {
-                    "strip" => text.trim_matches(strip_char),
-                    "lstrip" => text.trim_start_matches(strip_char),
-                    _ => text.trim_end_matches(strip_char),
-                };
-                Ok(Value::from(stripped))
-            }
-            "startswith" => {
-                let (prefix,): (&str,) = from_args(args)?;
-                Ok(Value::from(text.starts_with(prefix)))
-            }
-            "endswith" => {
-                let (suffix,): (&str,) = from_args(args)?;
-                Ok(Value::from(text.ends_with(suffix)))
-            }
-            "upper" => {
-                let () = from_args(args)?;
-                Ok(Value::from(text.to_uppercase()))
-            }
-            "lower" => {
-                let () = from_args(args)?;
-                Ok(Value::from(text.to_lowercase()))
-            }
-            "title" | "capitalize" => {
-                let () = from_args(args)?;
-                state.apply_filter(method, std::slice::from_ref(value))
-            }
-            "split" => {
-                let (separator, max_split): (Option<&str>, Option<i64>) = from_args(args)?;
-                // Python: a negative or missing maxsplit means no limit.
-                let limit = max_split
-                    .and_then(|n| usize::try_from(n).ok())
-                    .map(|n| n + 1);
-                let parts: Vec<Value> = match (separator, limit) {
-                    (Some(""), _) => {
-                        return Err(Error::new(
-                            ErrorKind::InvalidOperation,
-                            "split: empty separator",
-                        ))
-                    }
-                    (Some(sep), Some(limit)) => text.splitn(limit, sep).map(Value::from).collect(),
-                    (Some(sep), None) => text.split(sep).map(Value::from).collect(),
-                    (None, limit) => python_whitespace_split(text, limit)
-                        .into_iter()
-                        .map(Value::from)
-                        .collect(),
-                };
-                Ok(Value::from(parts))
-            }
-            "replace" => {
-                let (old, new): (&str, &str) = from_args(args)?;
-                Ok(Value::from(text.replace(old, new)))
-            }
-            _ => Err(Error::from(ErrorKind::UnknownMethod)),
-        };
-    }
-    if value.kind() == ValueKind::Map {
-        return match method {
-            "items" => {
-                let () = from_args(args)?;
-                state.apply_filter("items", std::slice::from_ref(value))
-            }
-            "keys" => {
-                let () = from_args(args)?;
-                Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()))
-            }
-            "values" => {
-                let () = from_args(args)?;
-                let values = value
-                    .try_iter()?
-                    .map(|key| value.get_item(&key))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                Ok(Value::from(values))
-            }
-            "get" => {
-                let (key, default): (Value, Option<Value>) = from_args(args)?;
-                let item = value.get_item(&key)?;
-                Ok(if item.is_undefined() {
-                    default.unwrap_or(Value::from(()))
-                } else {
-                    item
-                })
-            }
-            _ => Err(Error::from(ErrorKind::UnknownMethod)),
-        };
-    }
-    Err(Error::from(ErrorKind::UnknownMethod))
-}
-
-/// Python's `str.split()` without a separator: runs of whitespace separate,
-/// leading and trailing whitespace yield no empty parts; with a limit of `n`
-/// parts the last part keeps the rest of the text (left-stripped).
-fn python_whitespace_split(text: &str, limit: Option<usize>) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut rest = text.trim_start();
-    while !rest.is_empty() {
-        if limit.is_some_and(|n| parts.len() + 1 >= n) {
-            parts.push(rest);
-            break;
-        }
-        match rest.find(char::is_whitespace) {
-            Some(end) => {
-                parts.push(&rest[..end]);
-                rest = rest[end..].trim_start();
-            }
-            None => {
-                parts.push(rest);
-                break;
-            }
-        }
-    }
-    parts
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ import sys
 import gguf
 import numpy as np
 import llama_cpp
+from llama_greedy import greedy as llama_greedy
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -253,15 +254,7 @@ def evaluate(path):
     llm.reset()
     llm.eval(PROMPT)
     logits = np.array(llm.scores[: len(PROMPT)], dtype=np.float32)
-    greedy, gaps = [], []
-    last = logits[-1]
-    for _ in range(GREEDY):
-        nxt = int(np.argmax(last))
-        top2 = np.sort(last)[-2:]
-        greedy.append(nxt)
-        gaps.append(float(top2[1] - top2[0]))
-        llm.eval([nxt])
-        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    greedy, gaps = llama_greedy(llm, logits[-1], GREEDY)
     del llm
     return logits, greedy, gaps
 

@@ -25,6 +25,7 @@ import jinja2
 import llama_cpp
 import numpy as np
 from gguf import GGUFReader
+from llama_greedy import greedy
 
 GREEDY = 16
 FTYPES = [
@@ -74,14 +75,7 @@ def main():
             llm.eval(ids)
             last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             prompt_logits = last.copy()
-            greedy, gaps = [], []
-            for _ in range(GREEDY):
-                nxt = int(np.argmax(last))
-                top2 = np.sort(last)[-2:]
-                greedy.append(nxt)
-                gaps.append(float(top2[1] - top2[0]))
-                llm.eval([nxt])
-                last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            tokens, gaps = greedy(llm, last, GREEDY)
             # llama.cpp against itself: the same prompt fed one token at a
             # time (its single-row kernels instead of the batched ones).
             llm.reset()
@@ -89,13 +83,8 @@ def main():
                 llm.eval([t])
             last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             self_diff = float(np.abs(last - prompt_logits).max())
-            sequential = []
-            for _ in range(GREEDY):
-                nxt = int(np.argmax(last))
-                sequential.append(nxt)
-                llm.eval([nxt])
-                last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-            prompts.append(dict(text=text, ids=ids, greedy=greedy, gaps=gaps,
+            sequential, _ = greedy(llm, last, GREEDY)
+            prompts.append(dict(text=text, ids=ids, greedy=tokens, gaps=gaps,
                                 sequential=sequential, logits=prompt_logits.tolist(),
                                 self_diff=self_diff))
         del llm

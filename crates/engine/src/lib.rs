@@ -13,11 +13,13 @@ pub mod arch;
 pub mod config;
 pub mod error;
 pub mod gguf_meta;
+mod gguf_types;
 pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod testing;
 pub mod tokenizer;
+pub mod weights;
 pub mod wire;
 
 pub use error::{EngineError, Result};

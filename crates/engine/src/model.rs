@@ -411,9 +411,18 @@ pub struct Shard {
     local_heads: usize,
     local_kv_heads: usize,
     device: Device,
+    /// What the matrices were stored as and are held as (the load log's
+    /// summary); empty for a shard not made by the loader.
+    pub(crate) held: String,
 }
 
 impl Shard {
+    /// What this shard's matrices were stored as and are held as, and which
+    /// stayed f32 although the weight format asked for blocks, and why.
+    pub fn held(&self) -> &str {
+        &self.held
+    }
+
     /// Assembles a shard from loaded weights, checking that they are exactly
     /// what `spec` calls for (a loader bug would otherwise surface as a
     /// shape error in the middle of a task).
@@ -501,6 +510,7 @@ impl Shard {
             local_heads,
             local_kv_heads,
             device: Device::Cpu,
+            held: String::new(),
             cfg,
             spec,
         })

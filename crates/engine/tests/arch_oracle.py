@@ -7,7 +7,8 @@ Run by `arch_it` (crates/engine/tests):
 
 For each architecture (see ARCHS) it writes OUT_DIR/<arch>-f32.gguf with the
 `gguf` package, quantizes it with `llama_model_quantize` to Q8_0, Q4_K_M and
-Q6_K, and evaluates every file with llama.cpp (`llama-cpp-python`): the
+Q6_K (the first architecture also to Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_M,
+Q5_K_M, F16 and BF16), and evaluates every file with llama.cpp (`llama-cpp-python`): the
 logits of every position of PROMPT and 32 greedy tokens after it. The same
 weights also go into OUT_DIR/<arch>-hf (Hugging Face config.json and
 safetensors), whose expected answers are the f32 file's. Writes
@@ -15,7 +16,8 @@ OUT_DIR/oracle.json:
 
     {"prompt": [...], "files": [{"arch", "file", "ftype", "tied",
       "logits": [[...vocab] per position], "greedy": [32 ids],
-      "gaps": [the top-two logit gap before each greedy id]}]}
+      "gaps": [the top-two logit gap before each greedy id]}],
+     "unsupported": [files in IQ4_NL, a type the engine does not multiply]}
 
 Dimensions are multiples of 256 so K-quants apply to every matrix, and
 tensor parallelism of degree 2 slices them on whole 256-element blocks.
@@ -57,6 +59,21 @@ FTYPES = [
     ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
     ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
     ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K),
+]
+# Every other type candle multiplies, on the first architecture only (the
+# block types are the same for every architecture): the legacy 4/5-bit
+# blocks, the remaining K-quants as llama.cpp's mixes use them, and the
+# float types.
+EXTRA_FTYPES = [
+    ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+    ("q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1),
+    ("q5_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0),
+    ("q5_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1),
+    ("q2_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K),
+    ("q3_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M),
+    ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
+    ("f16", llama_cpp.LLAMA_FTYPE_MOSTLY_F16),
+    ("bf16", llama_cpp.LLAMA_FTYPE_MOSTLY_BF16),
 ]
 
 
@@ -260,6 +277,9 @@ def evaluate(path):
 
 
 files = []
+# A type this engine does not multiply, made by llama.cpp: loading it must
+# fail naming the tensor and the type.
+unsupported = []
 for n, spec in enumerate(ARCHS):
     f32 = os.path.join(out, f"{spec['name']}-f32.gguf")
     t = tensors(spec, seed=100 + n)
@@ -268,10 +288,15 @@ for n, spec in enumerate(ARCHS):
     # as llama.cpp reads the GGUF (its answers are the f32 file's).
     write_hf(spec, t, os.path.join(out, f"{spec['name']}-hf"))
     variants = [("f32", f32)]
-    for name, ftype in FTYPES if spec.get("quantize", True) else []:
+    ftypes = (FTYPES + (EXTRA_FTYPES if n == 0 else [])) if spec.get("quantize", True) else []
+    for name, ftype in ftypes:
         dst = os.path.join(out, f"{spec['name']}-{name}.gguf")
         quantize(f32, dst, ftype)
         variants.append((name, dst))
+    if n == 0:
+        dst = os.path.join(out, f"{spec['name']}-iq4_nl.gguf")
+        quantize(f32, dst, llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL)
+        unsupported.append(os.path.basename(dst))
     for name, path in variants:
         logits, greedy, gaps = evaluate(path)
         entry = dict(arch=spec["name"], file=os.path.basename(path), ftype=name, tied=spec["tied"],
@@ -282,5 +307,5 @@ for n, spec in enumerate(ARCHS):
         print(f"{os.path.basename(path)}: greedy {greedy[:8]}…")
 
 with open(os.path.join(out, "oracle.json"), "w") as f:
-    json.dump(dict(prompt=PROMPT, files=files), f)
+    json.dump(dict(prompt=PROMPT, files=files, unsupported=unsupported), f)
 print(f"arch oracle: {len(files)} files written")

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use engine::loader::{load_shard, read_config, WeightFormat};
+use engine::loader::{load_shard, read_config, Kernels, WeightFormat};
 use engine::model::{AllReduce, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput};
 use engine::sampler::{Sampler, SamplingParams};
 use engine::wire::{tensor_from_bytes, tensor_to_bytes};
@@ -924,6 +924,13 @@ fn every_supported_gguf_dtype_loads_in_every_format() {
             requant_tp.tokens, requant.tokens,
             "{dtype:?} requantized tp2"
         );
+        // The default resolves per stored type to one of the two, exactly.
+        let auto = decode(&path, WeightFormat::Auto, &Setup::Single, &PROMPT, 8);
+        let (name, expect) = match WeightFormat::Auto.for_stored(dtype, Kernels::detect()) {
+            WeightFormat::Quantized => ("as stored", &quant),
+            _ => ("requantized", &requant),
+        };
+        assert_eq!(auto.logits, expect.logits, "{dtype:?} auto: {name}");
     }
 }
 
@@ -965,6 +972,33 @@ fn quantized_column_slices_off_block_boundaries_fall_back_to_f32() {
     println!("ffn 96 Q8_0: quantized tp2 vs single {d_tp:.4}, vs dequantized tp2 {d_deq:.4} (max |logit| {range:.1})");
     assert!(d_tp <= 0.05 * range, "{d_tp}");
     assert!(d_deq <= 0.05 * range, "{d_deq}");
+    // The load says so, naming the matrices: each rank holds its 4
+    // down_proj slices (one per layer) as f32, the other 24 matrices and
+    // lm_head as Q8_0 blocks.
+    for spec in ShardSpec::tensor_ranks(&cfg, 2) {
+        let shard = load_shard(
+            &model.gguf_q8,
+            &spec,
+            WeightFormat::Quantized,
+            &mut |_, _| {},
+        )
+        .expect("rank loads");
+        assert_eq!(
+            shard.held(),
+            "25 Q8_0 as stored, 4 Q8_0 as f32; 4 held as f32 because the slice is off \
+             block boundaries or the row length does not suit the kernel: \
+             blk.0.ffn_down.weight, blk.1.ffn_down.weight, blk.2.ffn_down.weight, \
+             blk.3.ffn_down.weight"
+        );
+    }
+    let whole = load_shard(
+        &model.gguf_q8,
+        &ShardSpec::full(&cfg),
+        WeightFormat::Quantized,
+        &mut |_, _| {},
+    )
+    .expect("single loads");
+    assert_eq!(whole.held(), "29 Q8_0 as stored");
 }
 
 #[test]

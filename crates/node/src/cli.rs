@@ -149,8 +149,9 @@ pub struct RunArgs {
     /// Model files: `pipeline` (layers split across runners) or `tensor`.
     #[arg(long, default_value = "pipeline")]
     pub sharding: String,
-    /// How weight matrices are held: `f32`, `gguf` (GGUF blocks as stored)
-    /// or `q8_0` (default: q8_0, the fastest; f32 is exact).
+    /// How weight matrices are held: `auto` (default: per stored type the
+    /// faster of its blocks and Q8_0 on this CPU), `f32` (exact), `gguf`
+    /// (GGUF blocks as stored) or `q8_0`.
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<WeightFormat>,
     /// Generation ends at the end of the model's turn, or after this many
@@ -193,7 +194,7 @@ pub enum BenchWhat {
         )]
         layouts: Vec<String>,
         /// Weight formats to measure, comma-separated.
-        #[arg(long, default_value = "f32,q8_0,gguf", value_delimiter = ',', value_parser = parse_weights)]
+        #[arg(long, default_value = "auto,f32,q8_0,gguf", value_delimiter = ',', value_parser = parse_weights)]
         weights: Vec<WeightFormat>,
         /// Compute threads per runner (default: the node's default).
         #[arg(long)]
@@ -763,7 +764,7 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
     WeightFormat::ALL
         .into_iter()
         .find(|w| w.name() == s)
-        .ok_or_else(|| format!("{s:?} is not a weight format: use f32, gguf or q8_0"))
+        .ok_or_else(|| format!("{s:?} is not a weight format: use auto, f32, gguf or q8_0"))
 }
 
 /// A runner state as `/state` serializes it: a bare name (`"ready"`) or a

@@ -31,9 +31,10 @@ use crate::mesh::{Mesh, MeshConfig, DATA_HOST_ENV};
 /// Most runners one instance may have on one node.
 pub const MAX_RUNNERS: u32 = 64;
 
-/// How model weights are held when a request names no format (chosen by
-/// `shardvisor bench model`; see BENCHMARKS.md).
-pub const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Q8_0;
+/// How model weights are held when a request names no format: per stored
+/// type, the faster of its own blocks and Q8_0 on this CPU
+/// (`engine::weights`; measured in BENCHMARKS.md).
+pub const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Auto;
 /// Deleted instances whose last view stays readable (`GET /instance/{id}`).
 const KEEP_DELETED: usize = 64;
 
@@ -56,8 +57,8 @@ pub struct CreateInstance {
     /// Pipeline: each stage's `[start, end)` layer range.
     #[serde(default)]
     pub layers: Option<Vec<[usize; 2]>>,
-    /// How weight matrices are held: `f32`, `gguf` (GGUF blocks as stored)
-    /// or `q8_0` (default: `DEFAULT_WEIGHTS`).
+    /// How weight matrices are held: `auto` (the default,
+    /// `DEFAULT_WEIGHTS`), `f32`, `gguf` (GGUF blocks as stored) or `q8_0`.
     #[serde(default)]
     pub weights: Option<WeightFormat>,
     /// Compute threads per runner (default: cores / runners).

@@ -274,10 +274,17 @@ impl ModelEngine {
     }
 
     /// Loads the tokenizer and chat template (rank 0 only).
-    fn load_text_side(&mut self) -> Result<(), EngineError> {
+    /// The tokenizer and chat template, checked against the model's
+    /// `model_vocab` embedding rows.
+    fn load_text_side(&mut self, model_vocab: usize) -> Result<(), EngineError> {
         let path = &self.args.path;
         let (tokenizer, template) = if path.is_dir() {
             let tokenizer = Tokenizer::from_file(path.join("tokenizer.json"))?;
+            tokenizer.check_fits(
+                model_vocab,
+                &path.join("tokenizer.json").display().to_string(),
+                &format!("vocab_size in {}", path.join("config.json").display()),
+            )?;
             let template = ChatTemplate::from_tokenizer_config(path.join("tokenizer_config.json"))?;
             (tokenizer, template)
         } else {
@@ -292,10 +299,14 @@ impl ModelEngine {
                         detail: format!("not a readable GGUF file: {e}"),
                     }
                 })?;
-            (
-                Tokenizer::from_gguf(&content)?,
-                ChatTemplate::from_gguf(&content)?,
-            )
+            let tokenizer = Tokenizer::from_gguf(&content)?;
+            let shown = path.display();
+            tokenizer.check_fits(
+                model_vocab,
+                &format!("tokenizer.ggml.tokens in {shown}"),
+                &format!("token_embd.weight in {shown}"),
+            )?;
+            (tokenizer, ChatTemplate::from_gguf(&content)?)
         };
         self.eos = tokenizer.eos_ids();
         self.tokenizer = Some(tokenizer);
@@ -645,7 +656,7 @@ impl Engine for ModelEngine {
         let shard = load_shard(&self.args.path, &spec, self.args.weights, progress)?;
         self.shard = Some(Arc::new(shard));
         if self.rank == 0 {
-            self.load_text_side()?;
+            self.load_text_side(config.vocab_size)?;
         }
         Ok(())
     }

@@ -473,6 +473,21 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.id_to_token.len()
     }
+
+    /// Fails when this tokenizer can produce ids the model has no embedding
+    /// row for (`model_vocab` rows): a tokenizer from another model. Fewer
+    /// tokens than rows is normal (Qwen pads its embedding). `tokenizer` and
+    /// `model` say where each count comes from, for the error.
+    pub fn check_fits(&self, model_vocab: usize, tokenizer: &str, model: &str) -> Result<()> {
+        if self.vocab_size() <= model_vocab {
+            return Ok(());
+        }
+        Err(EngineError::Tokenizer(format!(
+            "{tokenizer} has ids up to {}, but the model has {model_vocab} token rows ({model}): \
+             this tokenizer belongs to another model; use the one made for this model",
+            self.vocab_size() - 1
+        )))
+    }
 }
 
 /// The bytes a vocabulary token (not an added one) stands for.

@@ -188,3 +188,25 @@ fn sentencepiece_merges_rank_by_the_merged_piece_score() {
         ]
     );
 }
+
+#[test]
+fn a_tokenizer_with_ids_past_the_embedding_rows_does_not_fit() {
+    let tok = tiny(true);
+    // 2 added + 256 bytes + 4 merges: ids 0..=261.
+    assert_eq!(tok.vocab_size(), 262);
+    tok.check_fits(262, "t.json", "m")
+        .expect("exactly the rows");
+    tok.check_fits(300, "t.json", "m")
+        .expect("a padded embedding");
+    let err = tok
+        .check_fits(261, "t.json", "vocab_size in config.json")
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Tokenizer(_)), "{err:?}");
+    assert!(err.recurs());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("t.json has ids up to 261")
+            && msg.contains("261 token rows (vocab_size in config.json)"),
+        "{msg}"
+    );
+}

@@ -153,6 +153,32 @@ async fn bad_models_get_clear_errors_and_the_node_keeps_serving() {
     assert_eq!(v["restarts"], 0, "{v}");
     let cause = v["state"]["cause"].as_str().unwrap_or_default();
     assert!(cause.contains("not restarted"), "{v}");
+    // A tokenizer from another model: it has an id (an added token) past
+    // the model's embedding rows. Loading fails at once, naming the file
+    // and both counts, and is not restarted.
+    let other_tok = fresh_dir("vocab").join("model");
+    engine::testing::write_tiny_llama(&other_tok, 4).unwrap();
+    let tok_path = other_tok.join("tokenizer.json");
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    let rows = engine::testing::TINY_VOCAB;
+    tok["added_tokens"].as_array_mut().unwrap().push(json!({
+        "id": rows, "content": "<|extra|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true
+    }));
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let id = node.create(json!({"model": other_tok, "runners": 2})).await;
+    let v = node.wait_state(&id, &["failed"], LONG).await;
+    let message = v["failure"]["message"].as_str().unwrap();
+    assert!(message.contains("phase loading"), "{message}");
+    assert!(
+        message.contains(&tok_path.display().to_string())
+            && message.contains(&format!("ids up to {rows}"))
+            && message.contains(&format!("{rows} token rows"))
+            && message.contains("vocab_size in"),
+        "{message}"
+    );
+    assert_eq!(v["failure"]["recurs"], true, "{v}");
     // A model without a chat template (a base model) loads and serves text
     // completions; a chat request to it is a 400 saying why.
     let base = fresh_dir("base").join("model");

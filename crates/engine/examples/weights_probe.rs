@@ -12,6 +12,12 @@
 //! Prints a markdown table of medians; `loader::WeightFormat::Auto` follows
 //! it (see BENCHMARKS.md).
 //!
+//! A second table is about rows whose length is not a multiple of 256
+//! (SmolLM2's 576): candle tiles Q8_0 only for whole 256-column rows, so it
+//! times such a matrix as it is and padded with zero columns to the next
+//! 256, and gives each one's error against the exact f32 product for
+//! activations with a few large channels, as real models have.
+//!
 //!     cargo run --release -p engine --example weights_probe
 
 use std::time::{Duration, Instant};
@@ -98,6 +104,55 @@ fn main() -> candle_core::Result<()> {
                 "| {dtype:?} | {m} | {kept_us} | {} | {} | {half} | {ratio} |",
                 us(t_q8),
                 us(t_f32)
+            );
+        }
+    }
+    padded_rows(&dev)?;
+    Ok(())
+}
+
+/// Max |error| against the exact product, relative to its max |value|.
+fn rel_err(y: &Tensor, exact: &Tensor) -> candle_core::Result<f32> {
+    let e = (y - exact)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(e / exact.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+fn padded_rows(dev: &Device) -> candle_core::Result<()> {
+    println!(
+        "\n| rows × width | x rows | as is µs | padded to 256s µs | as is error | padded error |\n|---|---|---|---|---|---|"
+    );
+    for (n, k) in [(1536usize, 576usize), (576, 576), (49152, 576)] {
+        let padded_k = k.next_multiple_of(256);
+        let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
+        let plain = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        let padded = QMatMul::from_qtensor(QTensor::quantize(
+            &w.pad_with_zeros(1, 0, padded_k - k)?,
+            GgmlDType::Q8_0,
+        )?)?;
+        let w_q = QTensor::quantize(&w, GgmlDType::Q8_0)?.dequantize(dev)?;
+        for m in [1, 32] {
+            // A few channels 50× larger than the rest (the outlier
+            // channels of trained transformers).
+            let spikes = Tensor::from_vec(
+                (0..k)
+                    .map(|i| if i % 97 == 5 { 50f32 } else { 1.0 })
+                    .collect::<Vec<_>>(),
+                k,
+                dev,
+            )?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), dev)?.broadcast_mul(&spikes)?;
+            let x_padded = x.pad_with_zeros(1, 0, padded_k - k)?;
+            let exact = x.matmul(&w_q.t()?)?;
+            let t_plain = time(m, &|| plain.forward(&x))?;
+            let t_padded = time(m, &|| {
+                padded.forward(&x.pad_with_zeros(1, 0, padded_k - k)?)
+            })?;
+            println!(
+                "| {n} × {k} | {m} | {:.0} | {:.0} | {:.1e} | {:.1e} |",
+                t_plain.as_secs_f64() * 1e6,
+                t_padded.as_secs_f64() * 1e6,
+                rel_err(&plain.forward(&x)?, &exact)?,
+                rel_err(&padded.forward(&x_padded)?, &exact)?,
             );
         }
     }

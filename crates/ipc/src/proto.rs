@@ -66,11 +66,28 @@ pub enum PromptReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskInput {
     /// A conversation, rendered by the model's chat template on the runner.
-    Chat(Vec<ChatTurn>),
+    Chat {
+        turns: Vec<ChatTurn>,
+        /// Further template variables (OpenAI-compatible servers'
+        /// `chat_template_kwargs`: `enable_thinking`, …) as the text of a
+        /// JSON object; empty: none. Text, because the wire codec (postcard)
+        /// cannot carry free-form JSON values.
+        template_vars: String,
+    },
     /// Raw text, tokenized as is (a text completion: no chat template).
     Text(String),
     /// Token ids, fed as they are.
     Tokens(Vec<u32>),
+}
+
+impl TaskInput {
+    /// A conversation without further template variables.
+    pub fn chat(turns: Vec<ChatTurn>) -> TaskInput {
+        TaskInput::Chat {
+            turns,
+            template_vars: String::new(),
+        }
+    }
 }
 
 impl TaskRequest {
@@ -79,7 +96,7 @@ impl TaskRequest {
         TaskRequest {
             task_id: task_id.into(),
             trace_id: trace_id.into(),
-            input: TaskInput::Chat(vec![ChatTurn {
+            input: TaskInput::chat(vec![ChatTurn {
                 role: "user".into(),
                 content: text.into(),
             }]),
@@ -94,7 +111,9 @@ impl TaskRequest {
     /// prompt for engines without a chat template).
     pub fn last_user_text(&self) -> String {
         match &self.input {
-            TaskInput::Chat(messages) => messages
+            TaskInput::Chat {
+                turns: messages, ..
+            } => messages
                 .iter()
                 .rev()
                 .find(|m| m.role == "user")

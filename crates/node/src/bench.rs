@@ -169,7 +169,7 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
         }
         let mut task = handle
             .submit(TaskSubmit {
-                input: ipc::proto::TaskInput::Chat(vec![ipc::proto::ChatTurn {
+                input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
                     role: "user".into(),
                     content: "cycle".into(),
                 }]),
@@ -273,7 +273,7 @@ pub(crate) async fn timed_chat(
     let started = Instant::now();
     let mut task = handle
         .submit(TaskSubmit {
-            input: ipc::proto::TaskInput::Chat(vec![ipc::proto::ChatTurn {
+            input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
                 role: "user".into(),
                 content: prompt.into(),
             }]),

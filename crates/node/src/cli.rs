@@ -523,7 +523,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     )?;
     let mut task = handle
         .submit(TaskSubmit {
-            input: TaskInput::Chat(vec![ChatTurn {
+            input: TaskInput::chat(vec![ChatTurn {
                 role: "user".into(),
                 content: args.prompt.clone(),
             }]),

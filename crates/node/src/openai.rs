@@ -146,7 +146,21 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
     #[serde(default)]
     pub modalities: Option<Vec<String>>,
+    /// Not in OpenAI's API; vLLM's and SGLang's extension (the SDK sends it
+    /// in `extra_body`): further chat-template variables, e.g.
+    /// `{"enable_thinking": false}` for Qwen3.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<Value>,
 }
+
+/// Template variables the server sets itself; a request may not.
+const RESERVED_TEMPLATE_VARS: [&str; 5] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "tools",
+];
 
 /// Fields chat and text completions share.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -364,9 +378,44 @@ impl OpenAiRequest for ChatRequest {
             }
             _ => None,
         };
+        let template_vars = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::Object(vars)) => {
+                if let Some(key) = vars
+                    .keys()
+                    .find(|k| RESERVED_TEMPLATE_VARS.contains(&k.as_str()))
+                {
+                    return Err(ApiFailure::invalid(
+                        "chat_template_kwargs",
+                        "invalid_value",
+                        format!(
+                            "chat_template_kwargs.{key} is set by the server from the request; \
+                             pass it as its own field, or leave it out (reserved: {})",
+                            RESERVED_TEMPLATE_VARS.join(", ")
+                        ),
+                    ));
+                }
+                if vars.is_empty() {
+                    String::new()
+                } else {
+                    Value::Object(vars.clone()).to_string()
+                }
+            }
+            Some(_) => {
+                return Err(ApiFailure::invalid(
+                    "chat_template_kwargs",
+                    "invalid_type",
+                    "chat_template_kwargs must be a JSON object of chat-template variables, \
+                     e.g. {\"enable_thinking\": false}",
+                ))
+            }
+        };
         self.common.plan(
             self.model.clone(),
-            vec![TaskInput::Chat(turns)],
+            vec![TaskInput::Chat {
+                turns,
+                template_vars,
+            }],
             max_tokens,
             top.map(|top| LogprobsShape::Chat { top }),
         )

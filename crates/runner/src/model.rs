@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use engine::chat::{ChatMessage, ChatTemplate};
+use engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
 use engine::loader::{load_shard, WeightFormat};
 use engine::model::{
     AllReduce, KvCache, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput,
@@ -706,7 +706,10 @@ impl Engine for ModelEngine {
         let shard = self.shard()?;
         let vocab = shard.config().vocab_size;
         let ids = match &request.input {
-            TaskInput::Chat(turns) => {
+            TaskInput::Chat {
+                turns,
+                template_vars,
+            } => {
                 let messages: Vec<ChatMessage> = turns
                     .iter()
                     .map(|m| ChatMessage {
@@ -720,8 +723,18 @@ impl Engine for ModelEngine {
                         "this model has no chat template, so it cannot answer chat requests: send a text completion (/v1/completions) instead".into(),
                     )
                 })?;
+                let mut options = RenderOptions::default();
+                if !template_vars.is_empty() {
+                    options.extra = serde_json::from_str(template_vars).map_err(|e| {
+                        invalid(format!(
+                            "chat template variables are not a JSON object: {e}"
+                        ))
+                    })?;
+                }
+                let messages = serde_json::to_value(&messages)
+                    .map_err(|e| invalid(format!("cannot pass the messages: {e}")))?;
                 let prompt = template
-                    .render(&messages, true)
+                    .render_with(&messages, true, &options)
                     .map_err(|e| invalid(e.to_string()))?;
                 tokenizer
                     .encode_prompt(&prompt)

@@ -58,7 +58,7 @@ fn content_parts_and_every_role() {
         ],
     }))
     .expect("accepted");
-    let TaskInput::Chat(turns) = &plan.prompts[0] else {
+    let TaskInput::Chat { turns, .. } = &plan.prompts[0] else {
         panic!("a chat")
     };
     let got: Vec<(&str, &str)> = turns
@@ -316,4 +316,44 @@ fn completion_logprobs_offsets_count_from_the_echoed_prompt() {
     assert_eq!(c["content"][0]["token"], " Paris");
     assert_eq!(c["content"][0]["bytes"], json!(b" Paris".to_vec()));
     assert_eq!(c["content"][0]["top_logprobs"][1]["token"], " Lyon");
+}
+
+#[test]
+fn chat_template_kwargs_reach_the_template_and_reserved_names_are_refused() {
+    let vars = |body: Value| match &chat(body).expect("accepted").prompts[0] {
+        TaskInput::Chat { template_vars, .. } => template_vars.clone(),
+        other => panic!("a chat, not {other:?}"),
+    };
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    assert_eq!(vars(json!({"model": "m", "messages": messages})), "");
+    assert_eq!(
+        vars(json!({"model": "m", "messages": messages, "chat_template_kwargs": {}})),
+        ""
+    );
+    let sent =
+        json!({"enable_thinking": false, "date_string": "1 Dec 2026", "n": [1, {"a": null}]});
+    let got = vars(json!({"model": "m", "messages": messages, "chat_template_kwargs": sent}));
+    assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), sent);
+    for reserved in [
+        "messages",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "tools",
+    ] {
+        let err = chat(json!({
+            "model": "m", "messages": messages,
+            "chat_template_kwargs": {"enable_thinking": true, reserved: 1},
+        }))
+        .expect_err("reserved");
+        assert_eq!(err.status, 400);
+        assert_eq!(code(&err), ("invalid_value", Some("chat_template_kwargs")));
+        assert!(
+            err.body.error.message.contains(&format!(
+                "chat_template_kwargs.{reserved} is set by the server"
+            )),
+            "{}",
+            err.body.error.message
+        );
+    }
 }

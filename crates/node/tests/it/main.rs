@@ -13,3 +13,4 @@ mod partition;
 mod prompt_logprobs;
 mod runner_protocol;
 mod stress;
+mod template_vars;

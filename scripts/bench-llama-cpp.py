@@ -32,13 +32,20 @@ PROMPT = "Write a long story about a dragon who learns to cook."
 
 
 def shardvisor_run(binary, model, weights, threads, layouts):
-    """One fresh node, one instance per layout; one row per layout."""
+    """One fresh node, one instance per layout; one row per layout.
+    `weights` may end in `@NAME=VALUE`: that variable is set for the node and
+    its runners (e.g. `auto@SHARDVISOR_Q8_TILES=0`)."""
+    env = dict(os.environ)
+    if "@" in weights:
+        weights, setting = weights.split("@", 1)
+        name, value = setting.split("=", 1)
+        env[name] = value
     out = subprocess.run(
         [
             binary, "bench", "model", "--model", model, "--layouts", ",".join(layouts),
             "--weights", weights, "--threads", str(threads), "--runs", "1", "--json",
         ],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     if len(rows) != len(layouts):

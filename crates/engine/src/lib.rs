@@ -16,6 +16,7 @@ pub mod gguf_meta;
 mod gguf_types;
 pub mod loader;
 pub mod model;
+mod q8tiles;
 pub mod sampler;
 pub mod testing;
 pub mod tokenizer;

@@ -53,9 +53,11 @@ mod gguf;
 mod raw;
 mod safetensors;
 
+use crate::q8tiles::PackedQ8;
 use gguf::{read_gguf_header, GgufSource};
 use raw::{qmatmul_supports, Encoding, RawTensor};
 use safetensors::HfSource;
+use std::sync::Arc;
 
 /// Reads the model's config: `config.json` of a Hugging Face directory, or
 /// the metadata of a GGUF file.
@@ -283,8 +285,15 @@ fn load_parts(
             // One copy of the blocks serves both the lookup and lm_head.
             let raw = src.raw(&embed_name)?;
             raw.expect_dims(&[vocab, h])?;
-            let table = raw.embedding()?;
+            let mut table = raw.embedding()?;
+            if let Embedding::Quantized(q) = &table {
+                if let Some(packed) = PackedQ8::from_q8_0(q) {
+                    // One copy of the tiles serves the lookup and lm_head.
+                    table = Embedding::Tiled(Arc::new(packed.map_err(|e| raw.err(e.to_string()))?));
+                }
+            }
             lm_head = Some(match &table {
+                Embedding::Tiled(p) => Linear::Tiled(p.clone()),
                 Embedding::Quantized(q) if qmatmul_supports(q.dtype(), h) => Linear::Quantized(
                     QMatMul::from_arc(q.clone()).map_err(|e| raw.err(e.to_string()))?,
                 ),
@@ -385,6 +394,7 @@ impl HeldTally {
         let held = match linear {
             Linear::Dense(_) => "f32".to_string(),
             Linear::Quantized(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            Linear::Tiled(_) => "Q8_0".to_string(),
             Linear::Quantized(_) => "f32".to_string(),
         };
         let wanted = format.for_stored(raw.encoding.stored(), Kernels::detect());

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{Kernels, WeightFormat};
 use crate::error::{EngineError, Result};
 use crate::model::{Embedding, Linear};
+use crate::q8tiles::PackedQ8;
 
 /// How the elements of a tensor are stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,15 +159,14 @@ impl RawTensor<'_> {
                 self.finish_dense(t, format)
             }
             Encoding::Ggml(GgmlDType::Q8_0) if format == WeightFormat::Q8_0 && aligned => {
-                let q = ggml_file::qtensor_from_ggml(
+                ggml_file::qtensor_from_ggml(
                     GgmlDType::Q8_0,
                     bytes.as_slice(),
                     dims.to_vec(),
                     &Device::Cpu,
                 )
-                .and_then(QMatMul::from_qtensor)
-                .map_err(|e| self.err(e.to_string()))?;
-                Ok(Linear::Quantized(q))
+                .and_then(blocks_linear)
+                .map_err(|e| self.err(e.to_string()))
             }
             Encoding::Ggml(ggml) => {
                 let q = ggml_file::qtensor_from_ggml(
@@ -179,8 +179,7 @@ impl RawTensor<'_> {
                 drop(bytes);
                 let kernel_ok = qmatmul_supports(ggml, covered.len());
                 if format == WeightFormat::Quantized && aligned && kernel_ok {
-                    let q = QMatMul::from_qtensor(q).map_err(|e| self.err(e.to_string()))?;
-                    return Ok(Linear::Quantized(q));
+                    return blocks_linear(q).map_err(|e| self.err(e.to_string()));
                 }
                 if format == WeightFormat::Quantized {
                     tracing::debug!(
@@ -208,8 +207,7 @@ impl RawTensor<'_> {
             return Ok(Linear::Dense(t));
         }
         QTensor::quantize(&t, GgmlDType::Q8_0)
-            .and_then(QMatMul::from_qtensor)
-            .map(Linear::Quantized)
+            .and_then(blocks_linear)
             .map_err(|e| self.err(e.to_string()))
     }
 
@@ -226,7 +224,7 @@ impl RawTensor<'_> {
         };
         match as_matrix.matrix(0..1, 0..len, None, WeightFormat::F32)? {
             Linear::Dense(t) => t.reshape(len).map_err(|e| self.err(e.to_string())),
-            Linear::Quantized(_) => Err(self.err("unexpected quantized vector")),
+            Linear::Quantized(_) | Linear::Tiled(_) => Err(self.err("unexpected quantized vector")),
         }
     }
 
@@ -257,6 +255,15 @@ impl RawTensor<'_> {
 /// correct either way), so a debug build would panic inside candle's thread
 /// pool on, e.g., a tensor-parallel slice of one block. Such matrices are
 /// dequantized instead: exact, only larger.
+/// Blocks as a `Linear`: Q8_0 in VNNI tiles where the CPU has them
+/// (`q8tiles`), otherwise candle's `QMatMul`.
+pub(super) fn blocks_linear(q: QTensor) -> candle_core::Result<Linear> {
+    match PackedQ8::from_q8_0(&q) {
+        Some(packed) => Ok(Linear::Tiled(Arc::new(packed?))),
+        None => QMatMul::from_qtensor(q).map(Linear::Quantized),
+    }
+}
+
 pub(super) fn qmatmul_supports(dtype: GgmlDType, k: usize) -> bool {
     let blocks = k / dtype.block_size().max(1);
     match dtype {

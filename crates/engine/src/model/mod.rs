@@ -27,6 +27,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::ModelConfig;
+use crate::q8tiles::PackedQ8;
 
 mod cache;
 mod spec;
@@ -92,6 +93,8 @@ pub(crate) enum Linear {
     Dense(Tensor),
     /// GGUF blocks, multiplied without dequantizing.
     Quantized(QMatMul),
+    /// Q8_0 blocks in VNNI tiles (`q8tiles`), where the CPU has them.
+    Tiled(Arc<PackedQ8>),
 }
 
 impl Linear {
@@ -100,6 +103,7 @@ impl Linear {
             Linear::Dense(w) => x.matmul(&w.t()?),
             // QMatMul reads its input as one flat slice.
             Linear::Quantized(q) => q.forward(&x.contiguous()?),
+            Linear::Tiled(p) => p.forward(x),
         }
     }
 
@@ -107,6 +111,7 @@ impl Linear {
     pub(crate) fn dims(&self) -> Vec<usize> {
         match self {
             Linear::Dense(w) => w.dims().to_vec(),
+            Linear::Tiled(p) => p.dims().to_vec(),
             Linear::Quantized(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
             Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
         }
@@ -121,6 +126,9 @@ pub(crate) enum Embedding {
     Dense(Tensor),
     /// `[vocab, hidden]` GGUF blocks.
     Quantized(Arc<QTensor>),
+    /// `[vocab, hidden]` Q8_0 blocks in VNNI tiles, shared with a tied
+    /// `Linear::Tiled` lm_head.
+    Tiled(Arc<PackedQ8>),
 }
 
 impl Embedding {
@@ -128,6 +136,18 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
             Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Tiled(p) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let [vocab, hidden] = p.dims();
+                let mut rows = Vec::with_capacity(ids.len() * hidden);
+                for &id in &ids {
+                    if id as usize >= vocab {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+                    }
+                    rows.extend(p.row(id as usize));
+                }
+                Tensor::from_vec(rows, (ids.len(), hidden), &Device::Cpu)
+            }
         }
     }
 
@@ -135,6 +155,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.dims().to_vec(),
             Embedding::Quantized(q) => q.shape().dims().to_vec(),
+            Embedding::Tiled(p) => p.dims().to_vec(),
         }
     }
 }

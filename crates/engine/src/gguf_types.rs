@@ -17,10 +17,14 @@ use std::io::Read;
 /// Longest metadata string or tensor name the walk reads.
 const MAX_STRING: u64 = 1 << 26;
 
-/// The block types this engine multiplies (candle's GGUF reader), by GGML
-/// type id.
-pub(crate) const SUPPORTED: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+/// The GGML type ids this engine multiplies (what candle's GGUF reader
+/// reads, less Q8_1 and Q8_K, which no model file stores).
+const SUPPORTED_IDS: [u32; 13] = [0, 1, 30, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14];
+
+/// Their names, for errors: "F32, F16, BF16, Q4_0, …".
+pub(crate) fn supported_names() -> String {
+    SUPPORTED_IDS.map(type_name).join(", ")
+}
 
 /// GGML's name of a type id (ggml.h `enum ggml_type`).
 pub(crate) fn type_name(id: u32) -> &'static str {
@@ -62,7 +66,7 @@ pub(crate) fn type_name(id: u32) -> &'static str {
 }
 
 fn supported(id: u32) -> bool {
-    matches!(id, 0..=3 | 6..=8 | 10..=14 | 30)
+    SUPPORTED_IDS.contains(&id)
 }
 
 /// The first tensor whose type is not one this engine multiplies: its name
@@ -235,13 +239,16 @@ mod tests {
 
     #[test]
     fn every_supported_type_passes() {
-        let all: Vec<(&str, u32)> = [0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30]
-            .iter()
-            .map(|t| ("t", *t))
-            .collect();
+        let all: Vec<(&str, u32)> = SUPPORTED_IDS.iter().map(|t| ("t", *t)).collect();
         assert_eq!(unsupported_tensor(&mut header(&all).as_slice()), None);
-        for (_, id) in all {
-            assert!(SUPPORTED.contains(type_name(id)), "{id}");
+        assert_eq!(
+            supported_names(),
+            "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+        );
+        // Exactly the types candle's reader knows, less Q8_1/Q8_K.
+        for id in 0..64 {
+            let candle_reads = matches!(id, 0..=3 | 6..=15 | 30);
+            assert_eq!(supported(id), candle_reads && !matches!(id, 9 | 15), "{id}");
         }
     }
 

@@ -153,15 +153,6 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<Value>,
 }
 
-/// Template variables the server sets itself; a request may not.
-const RESERVED_TEMPLATE_VARS: [&str; 5] = [
-    "messages",
-    "add_generation_prompt",
-    "bos_token",
-    "eos_token",
-    "tools",
-];
-
 /// Fields chat and text completions share.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Common {
@@ -383,7 +374,7 @@ impl OpenAiRequest for ChatRequest {
             Some(Value::Object(vars)) => {
                 if let Some(key) = vars
                     .keys()
-                    .find(|k| RESERVED_TEMPLATE_VARS.contains(&k.as_str()))
+                    .find(|k| engine::chat::SERVER_VARIABLES.contains(&k.as_str()))
                 {
                     return Err(ApiFailure::invalid(
                         "chat_template_kwargs",
@@ -391,7 +382,7 @@ impl OpenAiRequest for ChatRequest {
                         format!(
                             "chat_template_kwargs.{key} is set by the server from the request; \
                              pass it as its own field, or leave it out (reserved: {})",
-                            RESERVED_TEMPLATE_VARS.join(", ")
+                            engine::chat::SERVER_VARIABLES.join(", ")
                         ),
                     ));
                 }

@@ -48,6 +48,17 @@ pub struct RenderOptions {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The template variables [`ChatTemplate::render_with`] sets itself; an
+/// extra variable of one of these names would be overridden, so callers
+/// refuse it.
+pub const SERVER_VARIABLES: [&str; 5] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "tools",
+];
+
 /// "Use the system clock" for [`ChatTemplate::with_fixed_time`].
 const SYSTEM_CLOCK: i64 = i64::MIN;
 

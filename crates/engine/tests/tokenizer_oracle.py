@@ -13,6 +13,9 @@ reference gives:
   DeepSeek V3/V4, pre "deepseek-v3"): Hugging Face `tokenizers`, with
   special tokens parsed and with `encode_special_tokens` (special text as
   plain text);
+* DeepSeek LLM's pre-tokenizer ("deepseek-llm") on DeepSeek's vocabulary:
+  llama.cpp's own tokenizer (a vocab-only load of the GGUF written here),
+  since the name stands for llama.cpp's regexes;
 * SentencePiece: a BPE model trained here by `sentencepiece` itself (byte
   fallback, identity normalization, a dummy prefix: Llama 2's settings),
   written as a "llama" GGUF; the reference is `sentencepiece`'s own encode
@@ -59,6 +62,21 @@ SPECIAL_CASES = {
     "llama3": ["<|begin_of_text|>system<|eot_id|> hi<|start_header_id|>user<|end_header_id|>\n\n"],
     "deepseek": ["<｜begin▁of▁sentence｜>hi<｜end▁of▁sentence｜> x"],
 }
+
+# What DeepSeek LLM's regexes treat apart: the letter ranges' edges (Greek
+# with tonos and dialytika, U+1FD3 among them; Cyrillic, Armenian, Georgian,
+# Cherokee, Deseret and Adlam letters; letters outside the ranges, such as
+# Devanagari and Thai), CJK and Hangul runs next to kana, fullwidth and
+# curly punctuation, digits in scripts, and trailing whitespace.
+DEEPSEEK_LLM_CASES = [
+    "ΐ ῒ ΐ ῖ Ἀθῆναι ἄνθρωπος ω̃",
+    "Ꭰ ꮿ 𐐀𐑏 𞤀𞥃 ჀჅ Աբգ Ꙁꙭ",
+    "हिन्दी ภาษาไทย ქართული",
+    "日本語のテキスト 한국어텍스트 中文。“引号”‘单’！？",
+    "١٢٣ ٤٥٦ ௧௨௩ 12,345.67",
+    "ends with spaces   ",
+    "line\rbreak\r\nand\n\nmore\n",
+]
 
 TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -120,6 +138,21 @@ def byte_level_cases(tok, extra):
             "special": tok.encode(text, add_special_tokens=False).ids,
             "plain": plain_tok.encode(text, add_special_tokens=False).ids,
         })
+    return cases
+
+
+def llama_cpp_cases(path, extra):
+    """Ids llama.cpp's own tokenizer gives on a GGUF (a vocab-only load),
+    with special-token text parsed and as plain text."""
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    cases = []
+    for text in CORPUS + extra:
+        cases.append({
+            "text": text,
+            "special": llm.tokenize(text.encode(), add_bos=False, special=True),
+            "plain": llm.tokenize(text.encode(), add_bos=False, special=False),
+        })
+    del llm
     return cases
 
 
@@ -205,6 +238,18 @@ def main():
             "add_bos": llama_cpp_adds_bos(gguf_path),
             "bos": tok.token_to_id(bos),
         }
+        if name == "deepseek":
+            # DeepSeek LLM's pre-tokenizer ("deepseek-llm") on the same
+            # vocabulary: its reference is llama.cpp, whose regexes the
+            # name stands for (no tokenizer.json of it ships on PyPI).
+            llm_path = os.path.join(out, "deepseek-llm.gguf")
+            byte_level_gguf(llm_path, tok, "deepseek-llm", bos, eos)
+            result["deepseek-llm"] = {
+                "gguf": llm_path,
+                "cases": llama_cpp_cases(llm_path, SPECIAL_CASES[name] + DEEPSEEK_LLM_CASES),
+                "add_bos": llama_cpp_adds_bos(llm_path),
+                "bos": tok.token_to_id(bos),
+            }
     result["sentencepiece"] = sentencepiece_source(out)
     with open(os.path.join(out, "cases.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False)

@@ -510,7 +510,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
     let mut err = std::io::stderr();
     writeln!(
         err,
-        "instance {} with {} runners: starting",
+        "instance {} of {model} with {} runners: starting",
         handle.instance_id, args.runners
     )?;
     if let Err(cause) = handle.wait_ready().await {

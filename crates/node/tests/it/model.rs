@@ -30,6 +30,53 @@ async fn greedy(node: &TestNode, id: &str, prompt: &str, max_tokens: u32) -> (St
     (chat.text, chat.finish_reasons[0].clone())
 }
 
+/// `shardvisor run` as a newcomer types it: no `--model` and no
+/// `--max-tokens`. It runs the model `scripts/fetch-model.sh` fetched (found
+/// through `SHARDVISOR_MODELS`, from a directory without `./models`), and
+/// the answer goes on past 16 tokens to the end of the model's turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_defaults_to_the_fetched_model_and_the_end_of_the_turn() {
+    let Some(model) = smollm2() else { return };
+    let models = model.parent().expect("models dir");
+    let cwd = fresh_dir("run-defaults");
+    let out = watchdog(
+        "shardvisor run",
+        LONG,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_shardvisor"))
+            .args(["run", "Explain in two sentences why the sky is blue."])
+            .env(
+                "SHARDVISOR_MODELS",
+                std::path::absolute(models).expect("absolute"),
+            )
+            .current_dir(&cwd)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("spawn shardvisor run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    let fetched = std::path::absolute(&model).expect("absolute");
+    assert!(
+        stderr.contains(&format!("of {} with 2 runners", fetched.display())),
+        "run did not use the fetched model: {stderr}"
+    );
+    let tail = stderr
+        .split("\n[")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .unwrap_or_else(|| panic!("no summary line: {stderr}"));
+    let (tokens, reason) = tail.split_once(" tokens, finish_reason=").expect("summary");
+    let tokens: u32 = tokens.parse().expect("token count");
+    assert_eq!(
+        reason, "stop",
+        "the answer should end at the end of the turn: {stderr}"
+    );
+    assert!(tokens > 16, "only {tokens} tokens: {stdout}");
+    assert!(stdout.trim().len() > 40, "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_answers_paris_identically_single_pipeline_and_tensor() {
     let Some(model) = smollm2() else { return };

@@ -442,15 +442,16 @@ async fn twenty_cycles_across_three_nodes_are_quiet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_answering_pings_is_lost_though_its_token_lives() {
     let model = tiny_model("cluster-ping");
-    let ports: Vec<u16> = (0..2).map(|_| crate::harness::free_port()).collect();
-    let first = TestNode::start_with(
-        &crate::harness::fresh_dir("cluster-ping-0"),
-        false,
-        &crate::harness::cluster_args(ports[0], None, LEASE_MS),
+    let mut first_port = crate::harness::free_port();
+    let first =
+        crate::harness::start_cluster_node("cluster-ping-0", &mut first_port, None, LEASE_MS, &[]);
+    let wedged = crate::harness::start_cluster_node(
+        "cluster-ping-1",
+        &mut crate::harness::free_port(),
+        Some(first_port),
+        LEASE_MS,
+        &["--fault-injection".to_string()],
     );
-    let mut args = crate::harness::cluster_args(ports[1], Some(ports[0]), LEASE_MS);
-    args.push("--fault-injection".into());
-    let wedged = TestNode::start_with(&crate::harness::fresh_dir("cluster-ping-1"), false, &args);
     first.wait_cluster(2).await;
     wedged.wait_cluster(2).await;
     let ids = [first.node_id().await, wedged.node_id().await];
@@ -534,4 +535,19 @@ async fn a_rank_that_cannot_start_on_its_node_fails_the_instance_and_stops_the_r
         }
     })
     .await;
+}
+
+/// The harness's own retry: a cluster port that another process takes
+/// between `free_port` and the node's bind is replaced by a new one, and
+/// the node starts there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_port_taken_before_the_node_binds_it_is_replaced() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let mut port = taken_port;
+    let node =
+        crate::harness::start_cluster_node("cluster-port-taken", &mut port, None, LEASE_MS, &[]);
+    assert_ne!(port, taken_port);
+    node.wait_cluster(1).await;
+    drop(taken);
 }

@@ -65,6 +65,19 @@ impl TestNode {
         keep_dir: bool,
         extra: &[String],
     ) -> TestNode {
+        Self::try_start_wrapped(wrapper, listen, state_dir, keep_dir, extra)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`TestNode::start_wrapped`], or why the node did not start (its
+    /// first output line and its log).
+    pub fn try_start_wrapped(
+        wrapper: &[&str],
+        listen: &str,
+        state_dir: &Path,
+        keep_dir: bool,
+        extra: &[String],
+    ) -> Result<TestNode, String> {
         let log_path = state_dir.join(format!("node-{}.log", fastrand::u32(..)));
         let log = std::fs::File::create(&log_path).expect("log file");
         let program = env!("CARGO_BIN_EXE_shardvisor");
@@ -99,20 +112,19 @@ impl TestNode {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read address line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                panic!("node did not start: {line:?}\n{log}")
-            });
-        TestNode {
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(format!("node did not start: {line:?}\n{log}"));
+        };
+        Ok(TestNode {
             child,
             base: format!("http://{addr}"),
             state_dir: state_dir.to_path_buf(),
             log_path,
             keep_dir,
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -387,12 +399,45 @@ pub fn fast_timeouts() -> Value {
     })
 }
 
-/// A free TCP port on loopback (bound, then released).
+/// A free TCP port on loopback for a node's cluster listener: a random one
+/// below Linux's ephemeral range (32768 and up), so that no outgoing
+/// connection is given it, and one that binds now. It is released before
+/// the node binds it, so another test can still take it in between:
+/// [`start_cluster_node`] starts the node again on a new port then.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A clustered node listening on `*port`, knowing `peer`, with `extra`
+/// `serve` arguments. When the port was taken between [`free_port`] and
+/// the node's bind, the node is started again on a new port, which `*port`
+/// holds afterwards.
+pub fn start_cluster_node(
+    tag: &str,
+    port: &mut u16,
+    peer: Option<u16>,
+    lease_ms: u64,
+    extra: &[String],
+) -> TestNode {
+    for _ in 0..5 {
+        let mut args = cluster_args(*port, peer, lease_ms);
+        args.extend_from_slice(extra);
+        let dir = fresh_dir(tag);
+        match TestNode::try_start_wrapped(&[], "127.0.0.1:0", &dir, false, &args) {
+            Ok(node) => return node,
+            Err(why) if why.contains("Address already in use") => {
+                let _ = std::fs::remove_dir_all(&dir);
+                *port = free_port();
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+    panic!("{tag}: every cluster port tried was taken before the node bound it")
 }
 
 /// A node's cluster arguments: listen on `port`, know `peer`.
@@ -413,15 +458,16 @@ pub fn cluster_args(port: u16, peer: Option<u16>, lease_ms: u64) -> Vec<String> 
 /// `n` clustered nodes on loopback, each knowing only the first; returns
 /// once every node sees all `n` alive with their info.
 pub async fn start_cluster(tag: &str, n: usize, lease_ms: u64) -> Vec<TestNode> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut first_port = 0;
     let nodes: Vec<TestNode> = (0..n)
         .map(|i| {
-            let peer = (i > 0).then_some(ports[0]);
-            TestNode::start_with(
-                &fresh_dir(&format!("{tag}-{i}")),
-                false,
-                &cluster_args(ports[i], peer, lease_ms),
-            )
+            let mut port = free_port();
+            let peer = (i > 0).then_some(first_port);
+            let node = start_cluster_node(&format!("{tag}-{i}"), &mut port, peer, lease_ms, &[]);
+            if i == 0 {
+                first_port = port;
+            }
+            node
         })
         .collect();
     for node in &nodes {

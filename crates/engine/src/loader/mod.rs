@@ -288,7 +288,6 @@ fn load_parts(
             let mut table = raw.embedding()?;
             if let Embedding::Quantized(q) = &table {
                 if let Some(packed) = PackedQ8::from_q8_0(q) {
-                    // One copy of the tiles serves the lookup and lm_head.
                     table = Embedding::Tiled(Arc::new(packed.map_err(|e| raw.err(e.to_string()))?));
                 }
             }

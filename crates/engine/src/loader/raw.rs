@@ -249,12 +249,6 @@ impl RawTensor<'_> {
     }
 }
 
-/// Whether candle's CPU `QMatMul` can multiply rows of `k` elements of
-/// `dtype`. Its Q4_1, Q5_0 and Q5_1 dot products `debug_assert!` an even
-/// number of blocks per row (a ggml SIMD heritage; the portable code is
-/// correct either way), so a debug build would panic inside candle's thread
-/// pool on, e.g., a tensor-parallel slice of one block. Such matrices are
-/// dequantized instead: exact, only larger.
 /// Blocks as a `Linear`: Q8_0 in VNNI tiles where the CPU has them
 /// (`q8tiles`), otherwise candle's `QMatMul`.
 pub(super) fn blocks_linear(q: QTensor) -> candle_core::Result<Linear> {
@@ -264,6 +258,12 @@ pub(super) fn blocks_linear(q: QTensor) -> candle_core::Result<Linear> {
     }
 }
 
+/// Whether candle's CPU `QMatMul` can multiply rows of `k` elements of
+/// `dtype`. Its Q4_1, Q5_0 and Q5_1 dot products `debug_assert!` an even
+/// number of blocks per row (a ggml SIMD heritage; the portable code is
+/// correct either way), so a debug build would panic inside candle's thread
+/// pool on, e.g., a tensor-parallel slice of one block. Such matrices are
+/// dequantized instead: exact, only larger.
 pub(super) fn qmatmul_supports(dtype: GgmlDType, k: usize) -> bool {
     let blocks = k / dtype.block_size().max(1);
     match dtype {

@@ -14,10 +14,13 @@
 //! * RoPE is HF "rotate half" (`candle_nn::rotary_emb::rope`); loaders hand
 //!   over q/k weights in HF row order (GGUF's permutation already undone).
 //! * A `KvCache` holds exactly the positions `0..cache.seq_len()` of this
-//!   shard's layers and kv heads; `forward` must be called with
-//!   `pos == cache.seq_len()`, and a forward that fails part-way poisons the
-//!   cache (later calls error) because some layers would hold one position
-//!   more than others.
+//!   shard's layers and kv heads, for one sequence; `forward` must be called
+//!   with `pos == cache.seq_len()`, and a forward that fails part-way
+//!   poisons the cache (later calls error) because some layers would hold
+//!   one position more than others.
+//! * Several sequences step together through `forward_batch` (module
+//!   `forward`): their rows share every weight matmul, each keeps its own
+//!   cache, positions and mask (batch independence, stated there).
 //! * Nothing here panics on bad input: wrong stage input, out-of-vocabulary
 //!   ids, positions past the context and mismatched caches are errors.
 
@@ -30,11 +33,13 @@ use crate::config::ModelConfig;
 use crate::q8tiles::PackedQ8;
 
 mod cache;
+mod forward;
 mod spec;
 
 use crate::error::{EngineError, Result};
 pub use cache::KvCache;
 use cache::LayerCache;
+pub use forward::{BatchOutput, SeqStep};
 pub use spec::ShardSpec;
 
 /// Sums the partial results of the ranks of a tensor-parallel group. Every
@@ -340,7 +345,8 @@ impl Shard {
         self.forward_logits(input, pos, cache, all_reduce, Logits::Last)
     }
 
-    /// [`Shard::forward`], with the logits of the positions `logits` names.
+    /// [`Shard::forward`], with the logits of the positions `logits` names:
+    /// a batch of one sequence ([`Shard::forward_batch`]).
     pub fn forward_logits(
         &self,
         input: StageInput,
@@ -349,41 +355,24 @@ impl Shard {
         all_reduce: &mut dyn AllReduce,
         logits: Logits,
     ) -> Result<StageOutput> {
-        if cache.layers.len() != self.layers.len() {
-            return Err(EngineError::Compute(format!(
-                "kv cache has {} layers, shard has {}: it belongs to another shard",
-                cache.layers.len(),
-                self.layers.len()
-            )));
-        }
-        if cache.poisoned {
-            return Err(EngineError::Compute(
-                "kv cache is unusable after a failed forward; clear it".into(),
-            ));
-        }
         if pos != cache.seq_len {
             return Err(EngineError::Compute(format!(
                 "forward at position {pos} but the kv cache holds {} positions",
                 cache.seq_len
             )));
         }
-        let x = self.stage_input(input)?;
-        let seq = x.dim(0)?;
-        if seq == 0 {
-            return Err(EngineError::Compute("forward on an empty input".into()));
-        }
-        if pos + seq > self.cfg.max_position_embeddings {
-            return Err(EngineError::Compute(format!(
-                "positions {pos}..{} exceed the model's context of {} positions",
-                pos + seq,
-                self.cfg.max_position_embeddings
-            )));
-        }
-        cache.poisoned = true;
-        let out = self.run_layers(x, pos, cache, all_reduce, logits)?;
-        cache.seq_len += seq;
-        cache.poisoned = false;
-        Ok(out)
+        let len = match &input {
+            StageInput::Tokens(ids) => ids.len(),
+            StageInput::Hidden(t) => t.dims().first().copied().unwrap_or(0),
+        };
+        let mut seqs = [SeqStep { cache, len, logits }];
+        Ok(match self.forward_batch(input, &mut seqs, all_reduce)? {
+            BatchOutput::Hidden(h) => StageOutput::Hidden(h),
+            BatchOutput::Logits(mut l) => StageOutput::Logits(
+                l.pop()
+                    .ok_or_else(|| EngineError::Compute("a batch of one gave no logits".into()))?,
+            ),
+        })
     }
 
     /// Turns the stage input into `[seq, hidden]` f32, checking that it is
@@ -423,202 +412,5 @@ impl Shard {
                 Ok(t)
             }
         }
-    }
-
-    fn run_layers(
-        &self,
-        mut x: Tensor,
-        pos: usize,
-        cache: &mut KvCache,
-        all_reduce: &mut dyn AllReduce,
-        logits: Logits,
-    ) -> Result<StageOutput> {
-        let seq = x.dim(0)?;
-        let (cos, sin) = self.rope_tables(pos, seq)?;
-        // One position attending to all before it needs no mask.
-        let windowed = self.cfg.sliding_window.is_some_and(|w| pos + seq > w);
-        let mask = if seq > 1 || windowed {
-            Some(causal_mask(
-                seq,
-                pos,
-                self.cfg.sliding_window,
-                &self.device,
-            )?)
-        } else {
-            None
-        };
-        let eps = self.cfg.rms_norm_eps as f32;
-        let tp = self.spec.tp_degree > 1;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), layer_cache)?;
-            if tp {
-                attn = all_reduce.all_reduce_sum(&attn)?;
-            }
-            x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.gate_proj.forward(&h)?.silu()?;
-            let up = layer.up_proj.forward(&h)?;
-            let mut mlp = layer.down_proj.forward(&(gate * up)?)?;
-            if tp {
-                mlp = all_reduce.all_reduce_sum(&mlp)?;
-            }
-            x = (x + mlp)?;
-        }
-        match (&self.final_norm, &self.lm_head) {
-            (Some(norm), Some(lm_head)) => {
-                let rows = match logits {
-                    Logits::Last => x.narrow(0, seq - 1, 1)?,
-                    Logits::All => x,
-                };
-                let rows = candle_nn::ops::rms_norm(&rows, norm, eps)?;
-                let out = lm_head.forward(&rows)?;
-                Ok(StageOutput::Logits(match logits {
-                    Logits::Last => out.squeeze(0)?,
-                    Logits::All => out,
-                }))
-            }
-            _ => Ok(StageOutput::Hidden(x)),
-        }
-    }
-
-    /// Grouped-query attention of this rank's heads; returns the `o_proj`
-    /// output, a partial sum when tensor parallel.
-    fn attention(
-        &self,
-        layer: &Layer,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        let seq = h.dim(0)?;
-        let hd = self.cfg.head_dim;
-        let (n_heads, n_kv) = (self.local_heads, self.local_kv_heads);
-        // [seq, heads*hd] -> [heads, seq, hd], the layout rope and the
-        // per-head matmuls want.
-        let heads_first = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            t.reshape((seq, heads, hd))?.transpose(0, 1)?.contiguous()
-        };
-        let (mut q, mut k, mut v) = (
-            layer.q_proj.forward(h)?,
-            layer.k_proj.forward(h)?,
-            layer.v_proj.forward(h)?,
-        );
-        if let Some([qb, kb, vb]) = &layer.qkv_bias {
-            q = q.broadcast_add(qb)?;
-            k = k.broadcast_add(kb)?;
-            v = v.broadcast_add(vb)?;
-        }
-        if let Some([qn, kn]) = &layer.qk_norm {
-            // RMSNorm over each head's own `head_dim` values.
-            let eps = self.cfg.rms_norm_eps as f32;
-            let per_head = |t: Tensor, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
-                candle_nn::ops::rms_norm(&t.reshape((seq * heads, hd))?, w, eps)?
-                    .reshape((seq, heads * hd))
-            };
-            q = per_head(q, n_heads, qn)?;
-            k = per_head(k, n_kv, kn)?;
-        }
-        let q = heads_first(q, n_heads)?;
-        let k = heads_first(k, n_kv)?;
-        let v = heads_first(v, n_kv)?;
-        let rope = |t: &Tensor| -> candle_core::Result<Tensor> {
-            candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, cos, sin)?.squeeze(0)
-        };
-        let q = rope(&q)?;
-        let k = rope(&k)?;
-        let (k_all, v_all) = cache.append(&k, &v)?;
-        let total = k_all.dim(1)?;
-        // Heads sharing a kv head are consecutive (head = kv * rep + r), so
-        // grouping q as [kv, rep*seq, hd] multiplies each kv head once
-        // instead of materialising repeated keys and values.
-        let rep = n_heads / n_kv;
-        let q = q.reshape((n_kv, rep * seq, hd))?;
-        // The scale goes on q ([rep*seq, hd]) rather than on the scores
-        // ([rep*seq, positions]): one pass over far fewer values.
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q * scale)?.matmul(&k_all.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores
-                .reshape((n_kv, rep, seq, total))?
-                .broadcast_add(mask)?
-                .reshape((n_kv, rep * seq, total))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v_all)?
-            .reshape((n_heads, seq, hd))?
-            .transpose(0, 1)?
-            .reshape((seq, n_heads * hd))?;
-        Ok(layer.o_proj.forward(&out)?)
-    }
-
-    /// cos and sin `[seq, head_dim/2]` for positions `pos..pos+seq`,
-    /// computed in f32 like transformers' LlamaRotaryEmbedding.
-    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in pos..pos + seq {
-            for &f in &self.inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (seq, half), &self.device)?,
-            Tensor::from_vec(sin, (seq, half), &self.device)?,
-        ))
-    }
-}
-
-/// `[seq, pos+seq]`: 0 where query `i` (at position `pos+i`) may attend to
-/// key `j`, minus infinity where `j` lies in its future or, with a sliding
-/// `window`, `window` or more positions back.
-fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let total = pos + seq;
-    let window = window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                let q = pos + i;
-                if j > q || q - j >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (seq, total), device)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn causal_mask_with_offset() {
-        let m = causal_mask(2, 3, None, &Device::Cpu).expect("mask");
-        let rows = m.to_vec2::<f32>().expect("rows");
-        assert_eq!(rows[0][..4], [0.0; 4]);
-        assert!(rows[0][4].is_infinite());
-        assert_eq!(rows[1][..5], [0.0; 5]);
-    }
-
-    /// A window of 3: position 4 sees positions 2, 3 and 4 only.
-    #[test]
-    fn sliding_window_mask_hides_positions_a_window_back() {
-        let m = causal_mask(2, 3, Some(3), &Device::Cpu).expect("mask");
-        let open =
-            |row: &[f32]| -> Vec<usize> { (0..row.len()).filter(|&j| row[j] == 0.0).collect() };
-        let rows = m.to_vec2::<f32>().expect("rows");
-        assert_eq!(open(&rows[0]), [1, 2, 3], "position 3");
-        assert_eq!(open(&rows[1]), [2, 3, 4], "position 4");
-        let one = causal_mask(1, 5, Some(3), &Device::Cpu).expect("decode mask");
-        assert_eq!(open(&one.to_vec2::<f32>().unwrap()[0]), [3, 4, 5]);
     }
 }

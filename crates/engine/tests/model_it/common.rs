@@ -484,11 +484,33 @@ pub(crate) fn decode(
     prompt: &[u32],
     steps: usize,
 ) -> Decoded {
+    let results = on_setup(path, format, setup, |stages, ars| {
+        decode_pipeline(stages, ars, prompt, steps)
+    });
+    for (rank, r) in results.iter().enumerate().skip(1) {
+        assert_eq!(
+            r.tokens, results[0].tokens,
+            "rank {rank} decoded differently"
+        );
+        assert_eq!(r.logits, results[0].logits, "rank {rank} saw other logits");
+    }
+    results.into_iter().next().expect("rank 0")
+}
+
+/// Loads the stages of `setup` and calls `run` with them and their
+/// all-reduces: once, or once per tensor rank, each rank on its own thread
+/// (the ranks' results in rank order).
+pub(crate) fn on_setup<R: Send>(
+    path: &Path,
+    format: WeightFormat,
+    setup: &Setup,
+    run: impl Fn(&[Shard], &mut [Box<dyn AllReduce>]) -> R + Sync,
+) -> Vec<R> {
     let cfg = read_config(path).expect("config");
     match setup {
         Setup::Single => {
             let shard = load(path, &ShardSpec::full(&cfg), format);
-            decode_pipeline(&[shard], &mut [Box::new(NoAllReduce)], prompt, steps)
+            vec![run(&[shard], &mut [Box::new(NoAllReduce)])]
         }
         Setup::Pipeline(n) => {
             let stages: Vec<Shard> = ShardSpec::pipeline_stages(&cfg, *n)
@@ -498,7 +520,7 @@ pub(crate) fn decode(
             let mut ars: Vec<Box<dyn AllReduce>> = (0..*n)
                 .map(|_| Box::new(NoAllReduce) as Box<dyn AllReduce>)
                 .collect();
-            decode_pipeline(&stages, &mut ars, prompt, steps)
+            vec![run(&stages, &mut ars)]
         }
         Setup::Tensor(degree) | Setup::PipelineOfTensor(degree) => {
             let n_stages = match setup {
@@ -520,7 +542,8 @@ pub(crate) fn decode(
                     per_rank[rank].push(Box::new(ar));
                 }
             }
-            let results: Vec<Decoded> = std::thread::scope(|scope| {
+            let run = &run;
+            std::thread::scope(|scope| {
                 let handles: Vec<_> = per_rank
                     .into_iter()
                     .enumerate()
@@ -540,7 +563,7 @@ pub(crate) fn decode(
                                 .collect();
                             let mut ars: Vec<Box<dyn AllReduce>> =
                                 ars.into_iter().map(|a| a as Box<dyn AllReduce>).collect();
-                            decode_pipeline(&stages, &mut ars, prompt, steps)
+                            run(&stages, &mut ars)
                         })
                     })
                     .collect();
@@ -548,15 +571,7 @@ pub(crate) fn decode(
                     .into_iter()
                     .map(|h| h.join().expect("rank thread"))
                     .collect()
-            });
-            for (rank, r) in results.iter().enumerate().skip(1) {
-                assert_eq!(
-                    r.tokens, results[0].tokens,
-                    "rank {rank} decoded differently"
-                );
-                assert_eq!(r.logits, results[0].logits, "rank {rank} saw other logits");
-            }
-            results.into_iter().next().expect("rank 0")
+            })
         }
     }
 }

@@ -11,6 +11,7 @@
 //! instead of hanging it.
 
 mod agreement;
+mod batch;
 mod common;
 mod errors;
 mod smollm2;

@@ -1,0 +1,364 @@
+//! One step of a shard over a batch of sequences.
+//!
+//! The rows of every sequence in the step are stacked into one
+//! `[tokens, hidden]` input, so each weight matrix is read once per step
+//! rather than once per sequence (the quantized matmuls tile over rows).
+//! What is per sequence stays per sequence: RoPE at its own positions,
+//! attention against its own KV cache with its own causal mask, and which
+//! logits it wants.
+//!
+//! Invariants:
+//! * Batch independence: a sequence's rows go through exactly the
+//!   per-row operations (norms, projections) and the per-sequence
+//!   attention they would alone; nothing mixes rows of two sequences. Any
+//!   difference from running it alone comes from a matmul kernel whose
+//!   per-row summation order depends on how many rows it is given, never
+//!   from the batching itself.
+//! * Every sequence's cache must be usable (same shard, not poisoned) and
+//!   its positions within the context before anything is computed; a step
+//!   that fails part-way poisons the caches of all its sequences.
+//! * A batch of one is the single-sequence forward: `Shard::forward_logits`
+//!   is this function on one sequence.
+
+use candle_core::{Device, Tensor};
+
+use super::cache::KvCache;
+use super::{AllReduce, Layer, Logits, Shard, StageInput};
+use crate::error::{EngineError, Result};
+
+/// One sequence's part of a batched step: its next `len` rows of the input,
+/// at the positions that follow what its cache holds.
+pub struct SeqStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub len: usize,
+    pub logits: Logits,
+}
+
+/// What a batched step produces.
+#[derive(Debug, Clone)]
+pub enum BatchOutput {
+    /// `[tokens, hidden]` f32 activations for the next stage, the
+    /// sequences' rows in the order given.
+    Hidden(Tensor),
+    /// Per sequence, in the order given: `[vocab]` for [`Logits::Last`],
+    /// `[len, vocab]` for [`Logits::All`].
+    Logits(Vec<Tensor>),
+}
+
+/// Where one sequence's rows sit in the batch, and its positions.
+struct Segment {
+    row: usize,
+    len: usize,
+    pos: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl Shard {
+    /// Runs this shard's layers on `input`, the rows of `seqs` stacked in
+    /// order, each sequence at the positions after what its cache holds;
+    /// updates every cache.
+    pub fn forward_batch(
+        &self,
+        input: StageInput,
+        seqs: &mut [SeqStep<'_>],
+        all_reduce: &mut dyn AllReduce,
+    ) -> Result<BatchOutput> {
+        if seqs.is_empty() {
+            return Err(EngineError::Compute("forward on an empty batch".into()));
+        }
+        for s in seqs.iter() {
+            self.check_cache(s.cache)?;
+            if s.len == 0 {
+                return Err(EngineError::Compute("forward on an empty input".into()));
+            }
+            let pos = s.cache.seq_len;
+            if pos + s.len > self.cfg.max_position_embeddings {
+                return Err(EngineError::Compute(format!(
+                    "positions {pos}..{} exceed the model's context of {} positions",
+                    pos + s.len,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let x = self.stage_input(input)?;
+        let rows = x.dim(0)?;
+        let total: usize = seqs.iter().map(|s| s.len).sum();
+        if rows != total {
+            return Err(EngineError::Compute(format!(
+                "the batch input has {rows} rows but its sequences take {total}"
+            )));
+        }
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter() {
+            let pos = s.cache.seq_len;
+            let (cos, sin) = self.rope_tables(pos, s.len)?;
+            // One position attending to all before it needs no mask.
+            let windowed = self.cfg.sliding_window.is_some_and(|w| pos + s.len > w);
+            let mask = if s.len > 1 || windowed {
+                Some(causal_mask(
+                    s.len,
+                    pos,
+                    self.cfg.sliding_window,
+                    &self.device,
+                )?)
+            } else {
+                None
+            };
+            segments.push(Segment {
+                row,
+                len: s.len,
+                pos,
+                cos,
+                sin,
+                mask,
+            });
+            row += s.len;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.poisoned = true;
+        }
+        let out = self.run_layers(x, &segments, seqs, all_reduce)?;
+        for s in seqs.iter_mut() {
+            s.cache.seq_len += s.len;
+            s.cache.poisoned = false;
+        }
+        Ok(out)
+    }
+
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(EngineError::Compute(format!(
+                "kv cache has {} layers, shard has {}: it belongs to another shard",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        if cache.poisoned {
+            return Err(EngineError::Compute(
+                "kv cache is unusable after a failed forward; clear it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        segments: &[Segment],
+        seqs: &mut [SeqStep<'_>],
+        all_reduce: &mut dyn AllReduce,
+    ) -> Result<BatchOutput> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let tp = self.spec.tp_degree > 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut attn = self.attention(l, layer, &h, segments, seqs)?;
+            if tp {
+                attn = all_reduce.all_reduce_sum(&attn)?;
+            }
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = layer.gate_proj.forward(&h)?.silu()?;
+            let up = layer.up_proj.forward(&h)?;
+            let mut mlp = layer.down_proj.forward(&(gate * up)?)?;
+            if tp {
+                mlp = all_reduce.all_reduce_sum(&mlp)?;
+            }
+            x = (x + mlp)?;
+        }
+        let (Some(norm), Some(lm_head)) = (&self.final_norm, &self.lm_head) else {
+            return Ok(BatchOutput::Hidden(x));
+        };
+        // The rows whose logits are wanted, gathered so the lm_head (the
+        // largest matrix) is read once.
+        let picked: Vec<(usize, usize)> = segments
+            .iter()
+            .zip(seqs.iter())
+            .map(|(g, s)| match s.logits {
+                Logits::Last => (g.row + g.len - 1, 1),
+                Logits::All => (g.row, g.len),
+            })
+            .collect();
+        let rows = if picked.len() == 1 && picked[0] == (0, x.dim(0)?) {
+            x
+        } else {
+            let mut parts = picked
+                .iter()
+                .map(|&(row, n)| x.narrow(0, row, n))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            match parts.len() {
+                1 => parts.pop().expect("one part"),
+                _ => Tensor::cat(&parts, 0)?,
+            }
+        };
+        let rows = candle_nn::ops::rms_norm(&rows, norm, eps)?;
+        let logits = lm_head.forward(&rows)?;
+        let mut out = Vec::with_capacity(picked.len());
+        let mut at = 0;
+        for ((_, n), s) in picked.iter().zip(seqs.iter()) {
+            let part = logits.narrow(0, at, *n)?;
+            out.push(match s.logits {
+                Logits::Last => part.squeeze(0)?,
+                Logits::All => part,
+            });
+            at += n;
+        }
+        Ok(BatchOutput::Logits(out))
+    }
+
+    /// Grouped-query attention of this rank's heads, each sequence against
+    /// its own cache of layer `l`; returns the `o_proj` output of the whole
+    /// batch, a partial sum when tensor parallel.
+    fn attention(
+        &self,
+        l: usize,
+        layer: &Layer,
+        h: &Tensor,
+        segments: &[Segment],
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Tensor> {
+        let rows = h.dim(0)?;
+        let hd = self.cfg.head_dim;
+        let (n_heads, n_kv) = (self.local_heads, self.local_kv_heads);
+        let (mut q, mut k, mut v) = (
+            layer.q_proj.forward(h)?,
+            layer.k_proj.forward(h)?,
+            layer.v_proj.forward(h)?,
+        );
+        if let Some([qb, kb, vb]) = &layer.qkv_bias {
+            q = q.broadcast_add(qb)?;
+            k = k.broadcast_add(kb)?;
+            v = v.broadcast_add(vb)?;
+        }
+        if let Some([qn, kn]) = &layer.qk_norm {
+            // RMSNorm over each head's own `head_dim` values.
+            let eps = self.cfg.rms_norm_eps as f32;
+            let per_head = |t: Tensor, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+                candle_nn::ops::rms_norm(&t.reshape((rows * heads, hd))?, w, eps)?
+                    .reshape((rows, heads * hd))
+            };
+            q = per_head(q, n_heads, qn)?;
+            k = per_head(k, n_kv, kn)?;
+        }
+        let mut outs = Vec::with_capacity(segments.len());
+        for (g, s) in segments.iter().zip(seqs.iter_mut()) {
+            let seq = g.len;
+            // [seq, heads*hd] -> [heads, seq, hd], the layout rope and the
+            // per-head matmuls want.
+            let heads_first = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                t.narrow(0, g.row, seq)?
+                    .reshape((seq, heads, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let rope = |t: &Tensor| -> candle_core::Result<Tensor> {
+                candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, &g.cos, &g.sin)?.squeeze(0)
+            };
+            let qs = rope(&heads_first(&q, n_heads)?)?;
+            let ks = rope(&heads_first(&k, n_kv)?)?;
+            let vs = heads_first(&v, n_kv)?;
+            let (k_all, v_all) = s.cache.layers[l].append(&ks, &vs)?;
+            let total = k_all.dim(1)?;
+            debug_assert_eq!(total, g.pos + seq);
+            // Heads sharing a kv head are consecutive (head = kv * rep + r),
+            // so grouping q as [kv, rep*seq, hd] multiplies each kv head
+            // once instead of materialising repeated keys and values.
+            let rep = n_heads / n_kv;
+            let qs = qs.reshape((n_kv, rep * seq, hd))?;
+            // The scale goes on q ([rep*seq, hd]) rather than on the scores
+            // ([rep*seq, positions]): one pass over far fewer values.
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut scores = (qs * scale)?.matmul(&k_all.t()?)?;
+            if let Some(mask) = &g.mask {
+                scores = scores
+                    .reshape((n_kv, rep, seq, total))?
+                    .broadcast_add(mask)?
+                    .reshape((n_kv, rep * seq, total))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(
+                probs
+                    .matmul(&v_all)?
+                    .reshape((n_heads, seq, hd))?
+                    .transpose(0, 1)?
+                    .reshape((seq, n_heads * hd))?,
+            );
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        Ok(layer.o_proj.forward(&out)?)
+    }
+
+    /// cos and sin `[seq, head_dim/2]` for positions `pos..pos+seq`,
+    /// computed in f32 like transformers' LlamaRotaryEmbedding.
+    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in pos..pos + seq {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), &self.device)?,
+            Tensor::from_vec(sin, (seq, half), &self.device)?,
+        ))
+    }
+}
+
+/// `[seq, pos+seq]`: 0 where query `i` (at position `pos+i`) may attend to
+/// key `j`, minus infinity where `j` lies in its future or, with a sliding
+/// `window`, `window` or more positions back.
+fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let total = pos + seq;
+    let window = window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                let q = pos + i;
+                if j > q || q - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, total), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_with_offset() {
+        let m = causal_mask(2, 3, None, &Device::Cpu).expect("mask");
+        let rows = m.to_vec2::<f32>().expect("rows");
+        assert_eq!(rows[0][..4], [0.0; 4]);
+        assert!(rows[0][4].is_infinite());
+        assert_eq!(rows[1][..5], [0.0; 5]);
+    }
+
+    /// A window of 3: position 4 sees positions 2, 3 and 4 only.
+    #[test]
+    fn sliding_window_mask_hides_positions_a_window_back() {
+        let m = causal_mask(2, 3, Some(3), &Device::Cpu).expect("mask");
+        let open =
+            |row: &[f32]| -> Vec<usize> { (0..row.len()).filter(|&j| row[j] == 0.0).collect() };
+        let rows = m.to_vec2::<f32>().expect("rows");
+        assert_eq!(open(&rows[0]), [1, 2, 3], "position 3");
+        assert_eq!(open(&rows[1]), [2, 3, 4], "position 4");
+        let one = causal_mask(1, 5, Some(3), &Device::Cpu).expect("decode mask");
+        assert_eq!(open(&one.to_vec2::<f32>().unwrap()[0]), [3, 4, 5]);
+    }
+}

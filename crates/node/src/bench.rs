@@ -52,6 +52,8 @@ pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
         nodes: None,
         node_ids: None,
         prefill_chunk: None,
+        max_batch: None,
+        max_step_tokens: None,
     }
 }
 

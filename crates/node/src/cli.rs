@@ -505,6 +505,8 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         nodes: None,
         node_ids: None,
         prefill_chunk: None,
+        max_batch: None,
+        max_step_tokens: None,
     };
     let handle = node.create_instance(request)?;
     let mut err = std::io::stderr();

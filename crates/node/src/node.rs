@@ -77,6 +77,13 @@ pub struct CreateInstance {
     /// Prompt tokens per prefill step (model files; default 512).
     #[serde(default)]
     pub prefill_chunk: Option<u32>,
+    /// Tasks one batched step takes at most (model files; default 16).
+    #[serde(default)]
+    pub max_batch: Option<u32>,
+    /// Tokens one batched step takes at most, decoded and prompt tokens
+    /// together (model files; default 512).
+    #[serde(default)]
+    pub max_step_tokens: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -150,10 +157,16 @@ fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), 
     check_fault(req.fault.as_ref(), req.runners)?;
     let (config, name) = engine::loader::read_config_and_name(&path)
         .map_err(|e| NodeError::BadRequest(e.to_string()))?;
-    if req.prefill_chunk == Some(0) {
-        return Err(NodeError::BadRequest(
-            "prefill_chunk must be at least 1 token".into(),
-        ));
+    for (name, value, unit) in [
+        ("prefill_chunk", req.prefill_chunk, "token"),
+        ("max_batch", req.max_batch, "task"),
+        ("max_step_tokens", req.max_step_tokens, "token"),
+    ] {
+        if value == Some(0) {
+            return Err(NodeError::BadRequest(format!(
+                "{name} must be at least 1 {unit}"
+            )));
+        }
     }
     let sharding = req.sharding.unwrap_or(Sharding::Pipeline);
     let runners = req.runners as usize;
@@ -210,6 +223,8 @@ fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), 
         weights: req.weights.unwrap_or(DEFAULT_WEIGHTS),
         fault: req.fault.clone(),
         prefill_chunk: req.prefill_chunk,
+        max_batch: req.max_batch,
+        max_step_tokens: req.max_step_tokens,
     };
     Ok((args, name, context))
 }
@@ -447,9 +462,11 @@ impl Node {
                 || req.layers.is_some()
                 || req.weights.is_some()
                 || req.prefill_chunk.is_some()
+                || req.max_batch.is_some()
+                || req.max_step_tokens.is_some()
             {
                 return Err(NodeError::BadRequest(
-                    "sharding, layers, weights and prefill_chunk apply to model files, not to \"scripted\"".into(),
+                    "sharding, layers, weights, prefill_chunk, max_batch and max_step_tokens apply to model files, not to \"scripted\"".into(),
                 ));
             }
             (

@@ -6,6 +6,10 @@
 //! Cancellation needs no engine support: the engine thread checks a task's
 //! cancel flag between steps, so a cancel takes effect within one step (a
 //! token, or one chunk of a long prompt).
+//!
+//! Tasks step together in batches (`launch`, then `land`): sequences join
+//! and leave at step boundaries, and an engine with several lanes keeps
+//! that many batches in flight (pipelined micro-batches).
 
 use ipc::proto::{InvalidTask, TaskRequest, TokenLogprob};
 use ipc::Blob;
@@ -74,6 +78,30 @@ pub trait Engine: Send + 'static {
     fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), StartError>;
     /// One step of `task`: a chunk of its prompt, or one token.
     fn step(&mut self, task: &mut Self::Task) -> Result<Step, EngineError>;
+    /// How many tasks one batched step takes at most (1: one task a step,
+    /// round robin).
+    fn max_batch(&self) -> usize {
+        1
+    }
+    /// How many batches may be in flight at once: launched and not yet
+    /// landed (a pipeline of S stages keeps S in flight so that every
+    /// stage computes at once).
+    fn lanes(&self) -> usize {
+        1
+    }
+    /// Starts one step of every task in `batch` together; its results come
+    /// from [`Engine::land`]. Batches land in the order they were launched,
+    /// and a task is in at most one batch in flight. An error fails every
+    /// task of the batch, and the batch is not landed.
+    fn launch(&mut self, _batch: &mut [&mut Self::Task]) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Completes the oldest batch in flight (the same tasks, in the same
+    /// order, as launched): one result per task. The default steps each
+    /// task on its own.
+    fn land(&mut self, batch: &mut [&mut Self::Task]) -> Vec<Result<Step, EngineError>> {
+        batch.iter_mut().map(|task| self.step(task)).collect()
+    }
     /// The task left (finished, cancelled or failed): release what peers
     /// hold for it.
     fn end_task(&mut self, _task: Self::Task) {}

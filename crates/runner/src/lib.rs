@@ -11,6 +11,7 @@
 //! The runner knows nothing of HTTP or of other nodes.
 
 pub mod engine;
+mod engine_thread;
 pub mod fault;
 pub mod lifecycle;
 mod links;

@@ -33,43 +33,26 @@ pub enum LinkMsg {
     Hello {
         rank: u32,
     },
-    /// Pipeline: hidden states of `task_id` at positions `pos..`, for the
-    /// next stage; `sampling` rides along until the last stage samples.
-    /// `sample` is false for a chunk of a prompt that is not its last: the
-    /// last stage then answers `Prefilled` instead of sampling. With
-    /// `score`, the last stage also scores the prompt tokens that follow
-    /// the chunk's positions.
+    /// Pipeline: the hidden states of one batched step, the rows of `seqs`
+    /// stacked in order, for the next stage; each sequence's sampling rides
+    /// along until the last stage samples.
     Activations {
-        task_id: String,
-        pos: u32,
-        sampling: Sampling,
-        sample: bool,
-        score: Option<ScoreTargets>,
+        seqs: Vec<SeqMeta>,
         data: Blob,
     },
-    /// Pipeline: the token the last stage sampled, back to rank 0, with its
-    /// log-probabilities when the task asked (see `engine::sampler::Sampled`)
-    /// and the chunk's scores when its `Activations` asked.
-    Token {
-        task_id: String,
-        token: u32,
-        logprobs: Option<Scored>,
-        scores: Vec<Scored>,
-    },
-    /// Pipeline: the last stage processed a prompt chunk (no token), with
-    /// the chunk's scores when asked.
-    Prefilled {
-        task_id: String,
-        scores: Vec<Scored>,
+    /// Pipeline: what the last stage made of each sequence of a step, in
+    /// the step's order, back to rank 0.
+    Results {
+        results: Vec<SeqResult>,
     },
     /// The task is over: free its KV cache.
     Finish {
         task_id: String,
     },
-    /// Tensor: rank 0 starts a step on every rank.
+    /// Tensor: rank 0 starts a batched step on every rank: `tokens` are the
+    /// sequences' next tokens, stacked in order.
     TpStep {
-        task_id: String,
-        pos: u32,
+        seqs: Vec<TpSeq>,
         tokens: Vec<u32>,
     },
     /// Tensor: a rank's partial sum, and the reduced sum back.
@@ -79,11 +62,53 @@ pub enum LinkMsg {
     Reduced {
         data: Blob,
     },
-    /// A stage could not compute this task.
+    /// A stage could not compute a step: every sequence of it fails.
     Failed {
-        task_id: String,
         cause: String,
     },
+}
+
+/// One sequence of a pipeline step: `len` rows at positions `pos..`.
+/// `sample` is false for a chunk of a prompt that is not its last: the last
+/// stage then answers `Prefilled` instead of sampling. With `score`, the
+/// last stage also scores the prompt tokens that follow the chunk's
+/// positions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeqMeta {
+    pub task_id: String,
+    pub pos: u32,
+    pub len: u32,
+    pub sampling: Sampling,
+    pub sample: bool,
+    pub score: Option<ScoreTargets>,
+}
+
+/// One sequence of a tensor step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TpSeq {
+    pub task_id: String,
+    pub pos: u32,
+    pub len: u32,
+}
+
+/// The last stage's answer for one sequence of a step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeqResult {
+    pub task_id: String,
+    pub outcome: Result<SeqDone, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SeqDone {
+    /// The token sampled, with its log-probabilities when the task asked
+    /// (see `engine::sampler::Sampled`) and the chunk's scores when asked.
+    Token {
+        token: u32,
+        logprobs: Option<Scored>,
+        scores: Vec<Scored>,
+    },
+    /// A prompt chunk was processed (no token), with its scores when asked.
+    Prefilled { scores: Vec<Scored> },
 }
 
 /// The prompt tokens a chunk's logits score: `targets[i]` under the logits

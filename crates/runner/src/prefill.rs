@@ -39,12 +39,149 @@ pub fn next_chunk(tokens: usize, took: Duration, ceiling: usize) -> usize {
     (scaled.floor() as usize).clamp(floor, ceiling)
 }
 
+/// How long a step that prefills beside decoding sequences aims to take,
+/// in decode steps: each running stream then waits at most about this
+/// many of its usual inter-token intervals for one token while a prompt is
+/// admitted.
+pub const MIXED_STEP_FACTOR: f64 = 2.0;
+
+/// Prompt tokens a mixed step takes before anything is measured, and at
+/// least: a few tokens still move a long prompt on.
+pub const MIN_MIXED_TOKENS: usize = 16;
+
+/// How many prompt tokens one batched step takes beside the sequences
+/// that decode in it (a pure policy; the caller measures).
+///
+/// Invariants:
+/// * With no sequence decoding, a step may take `max_tokens` prompt
+///   tokens (each prompt's own chunk, [`next_chunk`], bounds it further).
+/// * With `d` sequences decoding, it takes the tokens that keep the step
+///   within [`MIXED_STEP_FACTOR`] decode steps, by the last measured
+///   decode step and prompt-token cost; never more than `max_tokens - d`,
+///   never fewer than [`MIN_MIXED_TOKENS`] (or that room, if less, but at
+///   least one), so a prompt always moves on.
+#[derive(Debug, Clone)]
+pub struct StepBudget {
+    max_tokens: usize,
+    /// Seconds of a step that only decodes (moving average).
+    decode_step: Option<f64>,
+    /// Seconds per prompt token in a step (moving average).
+    token_cost: Option<f64>,
+}
+
+/// Weight of the newest measurement in the moving averages.
+const SMOOTHING: f64 = 0.25;
+
+fn smooth(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(match old {
+        Some(old) => old + SMOOTHING * (new - old),
+        None => new,
+    })
+}
+
+impl StepBudget {
+    pub fn new(max_tokens: usize) -> Self {
+        StepBudget {
+            max_tokens: max_tokens.max(1),
+            decode_step: None,
+            token_cost: None,
+        }
+    }
+
+    /// The prompt tokens the next step may take beside `decoding`
+    /// sequences.
+    pub fn prefill_tokens(&self, decoding: usize) -> usize {
+        if decoding == 0 {
+            return self.max_tokens;
+        }
+        let room = self.max_tokens.saturating_sub(decoding).max(1);
+        let floor = MIN_MIXED_TOKENS.min(room);
+        match (self.decode_step, self.token_cost) {
+            (Some(step), Some(cost)) if cost > 0.0 => {
+                let tokens = step * (MIXED_STEP_FACTOR - 1.0) / cost;
+                (tokens.floor() as usize).clamp(floor, room)
+            }
+            _ => floor,
+        }
+    }
+
+    /// A step with `decoding` decoding sequences and `prefill` prompt
+    /// tokens took `took`.
+    pub fn observe(&mut self, decoding: usize, prefill: usize, took: Duration) {
+        let took = took.as_secs_f64();
+        if prefill == 0 {
+            if decoding > 0 {
+                self.decode_step = smooth(self.decode_step, took);
+            }
+            return;
+        }
+        let decode_part = if decoding > 0 {
+            self.decode_step.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let cost = (took - decode_part).max(0.0) / prefill as f64;
+        self.token_cost = smooth(self.token_cost, cost);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_step_without_decoding_takes_the_whole_budget() {
+        let b = StepBudget::new(512);
+        assert_eq!(b.prefill_tokens(0), 512);
+    }
+
+    #[test]
+    fn before_measuring_a_mixed_step_takes_the_floor() {
+        let b = StepBudget::new(512);
+        assert_eq!(b.prefill_tokens(3), MIN_MIXED_TOKENS);
+        // Room for fewer than the floor: the room, and at least one.
+        assert_eq!(StepBudget::new(10).prefill_tokens(4), 6);
+        assert_eq!(StepBudget::new(4).prefill_tokens(8), 1);
+    }
+
+    #[test]
+    fn a_mixed_step_aims_at_the_factor_of_a_decode_step() {
+        let mut b = StepBudget::new(512);
+        // Decode steps of 10 ms; 64 prompt tokens alone cost 64 ms.
+        b.observe(4, 0, ms(10));
+        b.observe(0, 64, ms(64));
+        // (2 - 1) * 10 ms / 1 ms a token = 10, under the floor.
+        assert_eq!(b.prefill_tokens(4), MIN_MIXED_TOKENS);
+        let mut slow_decode = b.clone();
+        for _ in 0..40 {
+            slow_decode.observe(4, 0, ms(100));
+        }
+        // 100 ms decode steps leave room for about 100 tokens.
+        let n = slow_decode.prefill_tokens(4);
+        assert!((95..=100).contains(&n), "{n}");
+        // Never more than the step's room.
+        for _ in 0..40 {
+            slow_decode.observe(4, 0, Duration::from_secs(10));
+        }
+        assert_eq!(slow_decode.prefill_tokens(4), 508);
+    }
+
+    #[test]
+    fn a_mixed_step_charges_its_prompt_tokens_what_decoding_did_not_take() {
+        let mut b = StepBudget::new(512);
+        b.observe(2, 0, ms(20));
+        // A mixed step of 40 ms with 20 prompt tokens: 1 ms a token.
+        b.observe(2, 20, ms(40));
+        assert_eq!(b.prefill_tokens(2), 20);
+        // A step faster than its decode part costs nothing, not less.
+        let mut c = StepBudget::new(512);
+        c.observe(2, 0, ms(20));
+        c.observe(2, 20, ms(5));
+        assert_eq!(c.prefill_tokens(2), MIN_MIXED_TOKENS);
     }
 
     #[test]

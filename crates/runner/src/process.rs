@@ -12,22 +12,22 @@
 //!   flushed and the node's `End` arrived (or the close deadline passed);
 //!   on `PeerLost` from the node it exits 2 at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc::proto::{
-    FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, TaskRequest, ToRunner,
-    TokenLogprob,
-};
-use ipc::{Blob, ChannelConfig, Control, Incoming, ShutdownMode};
+use ipc::proto::{FromRunner, Phase, ReleasedResource, RunnerState, TaskOutcome, ToRunner};
+use ipc::{ChannelConfig, Control, Incoming, ShutdownMode};
 use supervisor::resources::{CleanupReport, CleanupResult, ResourceRegistry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::engine::{Engine, EngineError, StartError, Step};
+use crate::engine_thread::{
+    spawn_engine, EngineCmd, EngineEvent, EngineThread, PhaseError, CANCEL_CLIENT, CANCEL_DEADLINE,
+    CANCEL_NONE, CANCEL_SHUTDOWN,
+};
 use crate::fault::{FaultKind, FaultSpec};
 use crate::lifecycle;
 use crate::model::{EngineNotice, ModelEngine, ModelEngineArgs};
@@ -85,249 +85,6 @@ pub fn run(args: RunnerArgs) -> i32 {
 
 /// Cancels of not-yet-seen tasks remembered at most.
 const EARLY_CANCELS: usize = 64;
-
-/// Why a task's cancel flag was raised.
-const CANCEL_NONE: u8 = 0;
-const CANCEL_CLIENT: u8 = 1;
-const CANCEL_SHUTDOWN: u8 = 2;
-const CANCEL_DEADLINE: u8 = 3;
-
-fn cancel_reason(code: u8) -> &'static str {
-    match code {
-        CANCEL_CLIENT => "cancelled by the client",
-        CANCEL_SHUTDOWN => "instance shutting down (cancel mode)",
-        _ => "drain deadline reached",
-    }
-}
-
-enum EngineCmd {
-    Connect(Vec<String>, Duration),
-    Load,
-    WarmUp,
-    Start(TaskRequest, Arc<AtomicU8>),
-}
-
-enum EngineEvent {
-    /// The engine failed for good outside any task (a stage server).
-    Fatal(String),
-    /// A stage server processed a step.
-    StageStep,
-    Progress {
-        done: u32,
-        total: u32,
-    },
-    PhaseDone {
-        phase: Phase,
-        result: Result<(), PhaseError>,
-    },
-    /// A task passed its checks and its prefill begins.
-    Started {
-        task_id: String,
-        prompt_tokens: u32,
-    },
-    /// A task's prompt, as it asked to have it reported.
-    Prompt {
-        task_id: String,
-        tokens: Vec<Blob>,
-        logprobs: Vec<TokenLogprob>,
-    },
-    /// A chunk of a task's prompt was prefilled.
-    Prefilled {
-        task_id: String,
-        done: u32,
-        total: u32,
-    },
-    Step {
-        task_id: String,
-        index: u32,
-        text: Option<(String, Vec<TokenLogprob>)>,
-    },
-    TaskDone {
-        task_id: String,
-        outcome: TaskOutcome,
-    },
-}
-
-/// Why a lifecycle phase failed, and whether trying again would fail the
-/// same way (`EngineError::recurs`).
-struct PhaseError {
-    cause: String,
-    recurs: bool,
-}
-
-impl From<EngineError> for PhaseError {
-    fn from(e: EngineError) -> Self {
-        PhaseError {
-            recurs: e.recurs(),
-            cause: e.to_string(),
-        }
-    }
-}
-
-struct Active<T> {
-    task_id: String,
-    task: T,
-    cancel: Arc<AtomicU8>,
-    prompt_tokens: u32,
-    index: u32,
-}
-
-/// The engine thread: takes commands, and round-robins one step per active
-/// task between them, so tasks interleave and a cancel lands within a token.
-/// When its command queue closes (the runner is closing, with no task left)
-/// it releases the engine's peer links and returns how that went.
-fn engine_thread<E: Engine>(
-    mut engine: E,
-    cmds: std::sync::mpsc::Receiver<EngineCmd>,
-    events: mpsc::Sender<EngineEvent>,
-) -> Result<(), String> {
-    let mut active: VecDeque<Active<E::Task>> = VecDeque::new();
-    let send = |ev: EngineEvent| events.blocking_send(ev).is_ok();
-    loop {
-        let cmd = if active.is_empty() {
-            match cmds.recv() {
-                Ok(cmd) => Some(cmd),
-                Err(_) => return engine.release().map_err(|e| e.to_string()),
-            }
-        } else {
-            match cmds.try_recv() {
-                Ok(cmd) => Some(cmd),
-                Err(std::sync::mpsc::TryRecvError::Empty) => None,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    for a in active.drain(..) {
-                        engine.end_task(a.task);
-                    }
-                    return engine.release().map_err(|e| e.to_string());
-                }
-            }
-        };
-        let ok = match cmd {
-            None => true,
-            Some(EngineCmd::Connect(peers, deadline)) => send(EngineEvent::PhaseDone {
-                phase: Phase::Connecting,
-                result: engine.connect(&peers, deadline).map_err(PhaseError::from),
-            }),
-            Some(EngineCmd::Load) => {
-                let progress_events = events.clone();
-                let result = engine.load(&mut |done, total| {
-                    let _ = progress_events.blocking_send(EngineEvent::Progress { done, total });
-                });
-                send(EngineEvent::PhaseDone {
-                    phase: Phase::Loading,
-                    result: result.map_err(PhaseError::from),
-                })
-            }
-            Some(EngineCmd::WarmUp) => send(EngineEvent::PhaseDone {
-                phase: Phase::WarmingUp,
-                result: engine.warm_up().map_err(PhaseError::from),
-            }),
-            Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
-                Ok((task, prompt_tokens)) => {
-                    let started = EngineEvent::Started {
-                        task_id: request.task_id.clone(),
-                        prompt_tokens,
-                    };
-                    active.push_back(Active {
-                        task_id: request.task_id,
-                        task,
-                        cancel,
-                        prompt_tokens,
-                        index: 0,
-                    });
-                    send(started)
-                }
-                Err(e) => send(EngineEvent::TaskDone {
-                    task_id: request.task_id,
-                    outcome: match e {
-                        StartError::Invalid(code, message) => {
-                            TaskOutcome::Invalid { code, message }
-                        }
-                        StartError::Engine(e) => TaskOutcome::Failed {
-                            cause: e.to_string(),
-                        },
-                    },
-                }),
-            },
-        };
-        if !ok {
-            return Ok(());
-        }
-        let Some(mut a) = active.pop_front() else {
-            continue;
-        };
-        let cancel = a.cancel.load(Ordering::Acquire);
-        let event = if cancel != CANCEL_NONE {
-            engine.end_task(a.task);
-            EngineEvent::TaskDone {
-                task_id: a.task_id,
-                outcome: TaskOutcome::Cancelled {
-                    reason: cancel_reason(cancel).into(),
-                },
-            }
-        } else {
-            match engine.step(&mut a.task) {
-                Ok(Step::Prefilled { done, total }) => {
-                    let ev = EngineEvent::Prefilled {
-                        task_id: a.task_id.clone(),
-                        done,
-                        total,
-                    };
-                    active.push_back(a);
-                    ev
-                }
-                Ok(Step::Prompt { tokens, logprobs }) => {
-                    let ev = EngineEvent::Prompt {
-                        task_id: a.task_id.clone(),
-                        tokens,
-                        logprobs,
-                    };
-                    active.push_back(a);
-                    ev
-                }
-                Ok(step @ (Step::Token { .. } | Step::Progress)) => {
-                    let text = match step {
-                        Step::Token { text, logprobs } => Some((text, logprobs)),
-                        _ => None,
-                    };
-                    let ev = EngineEvent::Step {
-                        task_id: a.task_id.clone(),
-                        index: a.index,
-                        text,
-                    };
-                    a.index += 1;
-                    active.push_back(a);
-                    ev
-                }
-                Ok(Step::Finished {
-                    finish_reason,
-                    completion_tokens,
-                }) => {
-                    engine.end_task(a.task);
-                    EngineEvent::TaskDone {
-                        task_id: a.task_id,
-                        outcome: TaskOutcome::Completed {
-                            prompt_tokens: a.prompt_tokens,
-                            completion_tokens,
-                            finish_reason,
-                        },
-                    }
-                }
-                Err(e) => {
-                    engine.end_task(a.task);
-                    EngineEvent::TaskDone {
-                        task_id: a.task_id,
-                        outcome: TaskOutcome::Failed {
-                            cause: e.to_string(),
-                        },
-                    }
-                }
-            }
-        };
-        if !send(event) {
-            return Ok(());
-        }
-    }
-}
 
 struct Runner {
     args: RunnerArgs,
@@ -888,23 +645,6 @@ async fn wait_release(release: &mut Option<oneshot::Receiver<CleanupReport>>) ->
 fn write_raw(bytes: &[u8]) {
     // SAFETY: fd 3 is the open channel socket and `bytes` is a valid buffer.
     let _ = unsafe { libc::write(IPC_FD, bytes.as_ptr().cast(), bytes.len()) };
-}
-
-/// The engine thread; it returns how releasing the engine went.
-type EngineThread = std::thread::JoinHandle<Result<(), String>>;
-
-/// Starts the engine thread; returns it and the engine's data-plane address.
-fn spawn_engine<E: Engine>(
-    engine: E,
-    cmds: std::sync::mpsc::Receiver<EngineCmd>,
-    events: mpsc::Sender<EngineEvent>,
-) -> Result<(EngineThread, Option<String>), String> {
-    let data_addr = engine.data_addr();
-    let thread = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || engine_thread(engine, cmds, events))
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
-    Ok((thread, data_addr))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -91,7 +91,14 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             "/instance",
             r#"{"model": "scripted", "weights": "f32"}"#,
             400,
-            "sharding, layers, weights and prefill_chunk apply to model files",
+            "sharding, layers, weights, prefill_chunk, max_batch and max_step_tokens apply to model files",
+        ),
+        (
+            "POST",
+            "/instance",
+            r#"{"model": "scripted", "max_batch": 4}"#,
+            400,
+            "max_batch and max_step_tokens apply to model files",
         ),
         (
             "POST",

@@ -4,21 +4,29 @@
 //! Rank 0 owns every task: it renders the chat template, tokenizes, runs its
 //! shard and drives the others; it alone talks to the node about tasks.
 //! Other ranks are driven over their links by a *stage server* thread,
-//! started after warm-up:
+//! started after warm-up ([`stage`]).
 //!
-//! * pipeline (ring): stage i runs its layers on the activations from stage
-//!   i−1 and passes them on; the last stage samples and sends the token back
-//!   to rank 0. One task is in the pipeline at a time (rank 0 waits for each
-//!   token), so the order of messages on every link is rank 0's order.
+//! Tasks step in batches ([`step`]): one forward pass takes the next tokens
+//! of every task in the batch (a decoded token, or a chunk of a prompt),
+//! so each weight matrix is read once per step for all of them.
+//!
+//! * pipeline (ring): stage i runs its layers on the batch's activations
+//!   from stage i−1 and passes them on; the last stage samples each
+//!   sequence and sends the results back to rank 0. With S stages, S
+//!   batches are in flight around the ring (`Engine::lanes`), so every
+//!   stage computes at once; they land in the order sent, which is the
+//!   order of messages on every link.
 //! * tensor (star): rank 0 sends each step's tokens to every rank; all run
-//!   every layer on their slice and sum partials through rank 0.
+//!   every layer on their slice and sum the whole batch's partials through
+//!   rank 0.
 //!
-//! A prompt longer than the prefill chunk is fed one chunk per step: every
-//! chunk but the last only advances the KV caches (a pipeline's last stage
-//! answers `Prefilled`), the last one samples. Each chunk is reported to the
-//! node as progress, and other tasks take their turns in between. The
-//! chunk is the instance's `prefill_chunk`, or else adapts to aim each step
-//! at a couple of seconds of compute ([`crate::prefill`]).
+//! A prompt longer than its chunk is fed one chunk per step: every chunk
+//! but the last only advances the KV caches (a pipeline's last stage
+//! answers `Prefilled`), the last one samples. Each chunk is reported to
+//! the node as progress. The chunk is the instance's `prefill_chunk`, or
+//! else adapts to aim each step at a couple of seconds of compute; beside
+//! decoding sequences a step takes only the prompt tokens that keep it
+//! within a couple of decode steps ([`crate::prefill`]).
 //!
 //! A task that asks for its prompt's log-probabilities (a text completion
 //! with `echo` and `logprobs`) is prefilled with the logits of every
@@ -31,7 +39,6 @@
 //! ends its own when its upstream ended, and rank 0 waits for the ends to
 //! come back around, so no stage sees `PeerLost` on a graceful path.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,12 +46,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
 use engine::loader::{load_shard, WeightFormat};
-use engine::model::{
-    AllReduce, KvCache, Logits, NoAllReduce, Shard, ShardSpec, StageInput, StageOutput,
-};
+use engine::model::{KvCache, NoAllReduce, Shard, ShardSpec, StageInput};
 use engine::sampler::{score_rows, Sampled, Sampler, SamplingParams, Scored};
 use engine::tokenizer::Tokenizer;
-use engine::wire::{tensor_from_bytes, tensor_to_bytes};
 use engine::EngineError;
 use ipc::proto::{InvalidTask, PromptReport, Sampling, TaskInput, TaskRequest, TokenLogprob};
 use ipc::Blob;
@@ -53,7 +57,12 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 
 use crate::engine::{Engine, StartError, Step};
-use crate::links::{self, Link, LinkEnd, LinkMsg, ScoreTargets};
+use crate::links::{self, Link, LinkMsg, ScoreTargets};
+
+mod stage;
+mod step;
+
+use stage::{drain_until_end, stage_server};
 
 /// How the instance is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +92,14 @@ pub struct ModelEngineArgs {
     /// Prompt tokens per prefill step (default [`DEFAULT_PREFILL_CHUNK`]).
     #[serde(default)]
     pub prefill_chunk: Option<u32>,
+    /// Tasks one batched step takes at most (default
+    /// [`DEFAULT_MAX_BATCH`]).
+    #[serde(default)]
+    pub max_batch: Option<u32>,
+    /// Tokens one batched step takes at most, decoded and prompt tokens
+    /// together (default [`DEFAULT_PREFILL_CHUNK`]).
+    #[serde(default)]
+    pub max_step_tokens: Option<u32>,
 }
 
 /// Prompt tokens per prefill step at most when the instance names no
@@ -96,6 +113,10 @@ pub const DEFAULT_PREFILL_CHUNK: u32 = 512;
 /// Prompt tokens per prefill step at most while a prompt is scored: its
 /// logits are `[chunk, vocab]` f32 (128 × 152k vocabulary ≈ 78 MB).
 pub const SCORE_CHUNK: usize = 128;
+
+/// Tasks one batched step takes at most when the instance names no limit;
+/// more wait for their turn (the engine thread rotates them).
+pub const DEFAULT_MAX_BATCH: u32 = 16;
 
 /// What the engine tells the runner from outside a task.
 pub enum EngineNotice {
@@ -126,6 +147,10 @@ pub struct ModelEngine {
     server: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// Tells the runner what the stage server does.
     notify: Arc<dyn Fn(EngineNotice) + Send + Sync>,
+    /// How many prompt tokens a step takes beside decoding sequences.
+    budget: crate::prefill::StepBudget,
+    /// The steps launched and not yet landed, oldest first.
+    in_flight: std::collections::VecDeque<step::InFlight>,
 }
 
 pub struct ModelTask {
@@ -159,14 +184,8 @@ pub struct ModelTask {
     /// Text of `generated` handed out so far.
     emitted: usize,
     finish: Option<String>,
-}
-
-/// The logits of a shard that ends the model; `who` names it in the error.
-fn logits_of(output: StageOutput, who: &str) -> Result<Tensor, EngineError> {
-    match output {
-        StageOutput::Logits(logits) => Ok(logits),
-        StageOutput::Hidden(_) => Err(compute(format!("{who} must produce logits"))),
-    }
+    /// Its part of the step in flight.
+    flight: Option<step::Flight>,
 }
 
 /// Splits a scored chunk's logits (`[rows, vocab]` when `score` asked for
@@ -221,6 +240,7 @@ impl ModelEngine {
         } else {
             (None, None)
         };
+        let args_max_step_tokens = args.max_step_tokens.unwrap_or(DEFAULT_PREFILL_CHUNK).max(1);
         Ok(ModelEngine {
             args,
             rank,
@@ -234,6 +254,8 @@ impl ModelEngine {
             eos: Vec::new(),
             topology: None,
             server: None,
+            budget: crate::prefill::StepBudget::new(args_max_step_tokens as usize),
+            in_flight: Default::default(),
             notify,
         })
     }
@@ -370,127 +392,6 @@ impl ModelEngine {
         })
     }
 
-    /// Runs rank 0's part of one step over the first `n` pending tokens.
-    /// With `sample` it returns the next token; without (a prompt chunk that
-    /// is not the prompt's last), only the KV caches of every rank advance.
-    fn forward_step(
-        &mut self,
-        task: &mut ModelTask,
-        n: usize,
-        sample: bool,
-    ) -> Result<Option<Sampled>, EngineError> {
-        let shard = self.shard()?.clone();
-        let tokens: Vec<u32> = task.pending.drain(..n).collect();
-        let pos = task.pos;
-        let handle = self.handle.clone();
-        // While the prompt is scored: the prompt tokens that follow this
-        // chunk's positions.
-        let score = match task.report {
-            Some(PromptReport::Logprobs(top)) => {
-                let len = task.prompt.len();
-                let targets = task.prompt[(pos + 1).min(len)..(pos + n + 1).min(len)].to_vec();
-                Some(ScoreTargets { top, targets })
-            }
-            _ => None,
-        };
-        let want = if score.is_some() {
-            Logits::All
-        } else {
-            Logits::Last
-        };
-        let (sampled, scores) = match self.topology.as_mut() {
-            Some(Topology::Alone) | None => {
-                let output = shard.forward_logits(
-                    StageInput::Tokens(tokens),
-                    pos,
-                    &mut task.cache,
-                    &mut NoAllReduce,
-                    want,
-                )?;
-                let (logits, scores) =
-                    split_scores(logits_of(output, "a single shard")?, score.as_ref())?;
-                let sampled = sample.then(|| task.sampler.next(&logits)).transpose()?;
-                (sampled, scores)
-            }
-            Some(Topology::Ring { prev, next }) => {
-                let hidden = match shard.forward(
-                    StageInput::Tokens(tokens),
-                    pos,
-                    &mut task.cache,
-                    &mut NoAllReduce,
-                )? {
-                    StageOutput::Hidden(h) => h,
-                    StageOutput::Logits(_) => {
-                        return Err(compute("the first stage of a pipeline produced logits"))
-                    }
-                };
-                let data = Blob(tensor_to_bytes(&hidden)?);
-                let msg = LinkMsg::Activations {
-                    task_id: task.task_id.clone(),
-                    pos: pos as u32,
-                    sampling: task.sampling.clone(),
-                    sample,
-                    score,
-                    data,
-                };
-                next.send(&handle, msg)?;
-                match prev.expect(&handle)? {
-                    LinkMsg::Token {
-                        task_id,
-                        token,
-                        logprobs,
-                        scores,
-                    } if task_id == task.task_id && sample => (
-                        Some(Sampled {
-                            id: token,
-                            logprobs,
-                        }),
-                        scores,
-                    ),
-                    LinkMsg::Prefilled { task_id, scores }
-                        if task_id == task.task_id && !sample =>
-                    {
-                        (None, scores)
-                    }
-                    LinkMsg::Failed { cause, .. } => return Err(compute(cause)),
-                    other => {
-                        return Err(compute(format!(
-                            "unexpected message on the token link: {other:?}"
-                        )))
-                    }
-                }
-            }
-            Some(Topology::Star { links }) => {
-                for link in links.iter() {
-                    let msg = LinkMsg::TpStep {
-                        task_id: task.task_id.clone(),
-                        pos: pos as u32,
-                        tokens: tokens.clone(),
-                    };
-                    link.send(&handle, msg)?;
-                }
-                let mut reduce = StarAllReduce::Root {
-                    handle: &handle,
-                    links,
-                };
-                let output = shard.forward_logits(
-                    StageInput::Tokens(tokens),
-                    pos,
-                    &mut task.cache,
-                    &mut reduce,
-                    want,
-                )?;
-                let (logits, scores) =
-                    split_scores(logits_of(output, "a tensor shard")?, score.as_ref())?;
-                let sampled = sample.then(|| task.sampler.next(&logits)).transpose()?;
-                (sampled, scores)
-            }
-        };
-        task.pos += n;
-        task.scores.extend(scores);
-        Ok(sampled)
-    }
-
     /// The prompt's report: its tokens' bytes and, when scored, each
     /// token's log-probability after the first.
     fn prompt_step(&self, task: &mut ModelTask) -> Result<Step, EngineError> {
@@ -547,63 +448,6 @@ impl ModelEngine {
             chunk.min(SCORE_CHUNK)
         } else {
             chunk
-        }
-    }
-}
-
-/// Tensor parallelism's sum through rank 0.
-enum StarAllReduce<'a> {
-    Root {
-        handle: &'a Handle,
-        links: &'a mut [Link],
-    },
-    Leaf {
-        handle: &'a Handle,
-        link: &'a mut Link,
-    },
-}
-
-impl AllReduce for StarAllReduce<'_> {
-    fn all_reduce_sum(&mut self, partial: &Tensor) -> engine::Result<Tensor> {
-        match self {
-            StarAllReduce::Root { handle, links } => {
-                let mut sum = partial.clone();
-                for link in links.iter_mut() {
-                    match link.expect(handle)? {
-                        LinkMsg::Partial { data } => sum = (sum + tensor_from_bytes(&data.0)?)?,
-                        other => {
-                            return Err(compute(format!(
-                                "expected a partial sum from rank {}, got {other:?}",
-                                link.peer_rank
-                            )))
-                        }
-                    }
-                }
-                let bytes = tensor_to_bytes(&sum)?;
-                for link in links.iter() {
-                    link.send(
-                        handle,
-                        LinkMsg::Reduced {
-                            data: Blob(bytes.clone()),
-                        },
-                    )?;
-                }
-                Ok(sum)
-            }
-            StarAllReduce::Leaf { handle, link } => {
-                link.send(
-                    handle,
-                    LinkMsg::Partial {
-                        data: Blob(tensor_to_bytes(partial)?),
-                    },
-                )?;
-                match link.expect(handle)? {
-                    LinkMsg::Reduced { data } => Ok(tensor_from_bytes(&data.0)?),
-                    other => Err(compute(format!(
-                        "expected the reduced sum from rank 0, got {other:?}"
-                    ))),
-                }
-            }
         }
     }
 }
@@ -817,78 +661,39 @@ impl Engine for ModelEngine {
             generated: Vec::new(),
             emitted: 0,
             finish: None,
+            flight: None,
         };
         Ok((task, prompt_tokens))
     }
 
     fn step(&mut self, task: &mut ModelTask) -> Result<Step, EngineError> {
-        if let Some(reason) = task.finish.clone() {
-            return Ok(Step::Finished {
-                finish_reason: reason,
-                completion_tokens: task.produced,
-            });
+        let mut batch = [task];
+        self.launch_batch(&mut batch);
+        self.land_batch(&mut batch)
+            .pop()
+            .unwrap_or_else(|| Err(compute("a batch of one landed nothing")))
+    }
+
+    fn max_batch(&self) -> usize {
+        self.args.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1) as usize
+    }
+
+    fn lanes(&self) -> usize {
+        // A pipeline keeps one step in flight per stage, so that every
+        // stage computes at once.
+        match &self.topology {
+            Some(Topology::Ring { .. }) => self.world as usize,
+            _ => 1,
         }
-        // The prompt's tokens alone need no forward pass.
-        if task.report == Some(PromptReport::Tokens) {
-            return self.prompt_step(task);
-        }
-        let sampled = match task.ahead.take() {
-            Some(sampled) => sampled,
-            None => {
-                // A prompt to score is prefilled even when nothing is to be
-                // generated (`echo` with `max_tokens` 0).
-                let scoring = task.report.is_some();
-                if task.produced >= task.max_tokens && !scoring {
-                    return self.finish(task, "length");
-                }
-                let chunk = task.chunk;
-                if task.pending.len() > chunk {
-                    let started = std::time::Instant::now();
-                    self.forward_step(task, chunk, false)?;
-                    if self.args.prefill_chunk.is_none() {
-                        task.chunk = crate::prefill::next_chunk(
-                            chunk,
-                            started.elapsed(),
-                            self.chunk_ceiling(scoring),
-                        );
-                    }
-                    // Until the prompt is in, the position is what was
-                    // prefilled.
-                    return Ok(Step::Prefilled {
-                        done: task.pos as u32,
-                        total: task.prompt_total,
-                    });
-                }
-                let n = task.pending.len();
-                let sample = task.produced < task.max_tokens;
-                let sampled = self.forward_step(task, n, sample)?;
-                if scoring {
-                    task.ahead = sampled;
-                    return self.prompt_step(task);
-                }
-                sampled.ok_or_else(|| compute("a sampling step produced no token"))?
-            }
-        };
-        let token = sampled.id;
-        task.produced += 1;
-        if self.eos.contains(&token) {
-            return self.finish(task, "stop");
-        }
-        if let Some(lp) = sampled.logprobs {
-            let lp = self.token_logprob(token, lp);
-            task.held_logprobs.push(lp);
-        }
-        task.generated.push(token);
-        task.pending.push(token);
-        let text = self.take_text(task, false)?;
-        Ok(if text.is_empty() {
-            Step::Progress
-        } else {
-            Step::Token {
-                text,
-                logprobs: std::mem::take(&mut task.held_logprobs),
-            }
-        })
+    }
+
+    fn launch(&mut self, batch: &mut [&mut ModelTask]) -> Result<(), EngineError> {
+        self.launch_batch(batch);
+        Ok(())
+    }
+
+    fn land(&mut self, batch: &mut [&mut ModelTask]) -> Vec<Result<Step, EngineError>> {
+        self.land_batch(batch)
     }
 
     fn end_task(&mut self, task: ModelTask) {
@@ -934,177 +739,6 @@ impl Engine for ModelEngine {
                     .try_for_each(|link| drain_until_end(&handle, link))
             }
             _ => Ok(()),
-        }
-    }
-}
-
-/// Reads a link to its end; anything but a clean end is an error.
-fn drain_until_end(handle: &Handle, link: &mut Link) -> Result<(), EngineError> {
-    loop {
-        match link.recv(handle) {
-            Ok(_) => {}
-            Err(LinkEnd::Ended) => return Ok(()),
-            Err(LinkEnd::Lost(detail)) => return Err(compute(detail)),
-        }
-    }
-}
-
-/// The loop of a rank > 0: serves its links until its upstream ends.
-fn stage_server(
-    shard: &Shard,
-    handle: &Handle,
-    topology: Topology,
-    notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
-    match topology {
-        Topology::Ring { prev, next } => pipeline_stage(shard, handle, prev, next, notify),
-        Topology::Star { mut links } => match links.pop() {
-            Some(link) => tensor_stage(shard, handle, link, notify),
-            None => Ok(()),
-        },
-        Topology::Alone => Ok(()),
-    }
-}
-
-fn pipeline_stage(
-    shard: &Shard,
-    handle: &Handle,
-    mut prev: Link,
-    next: Link,
-    notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
-    let last = shard.spec().layers.end == shard.config().n_layers;
-    let mut tasks: HashMap<String, (KvCache, Option<Sampler>)> = HashMap::new();
-    loop {
-        let msg = match prev.recv(handle) {
-            Ok(msg) => msg,
-            Err(LinkEnd::Ended) => {
-                next.close(handle);
-                return Ok(());
-            }
-            Err(LinkEnd::Lost(detail)) => return Err(detail),
-        };
-        let forwarded = match msg {
-            LinkMsg::Activations {
-                task_id,
-                pos,
-                sampling,
-                sample,
-                score,
-                data,
-            } => {
-                notify(EngineNotice::StageStep);
-                let entry = tasks
-                    .entry(task_id.clone())
-                    .or_insert_with(|| (shard.new_cache(), None));
-                let want = if score.is_some() {
-                    Logits::All
-                } else {
-                    Logits::Last
-                };
-                let result = tensor_from_bytes(&data.0).and_then(|hidden| {
-                    shard.forward_logits(
-                        StageInput::Hidden(hidden),
-                        pos as usize,
-                        &mut entry.0,
-                        &mut NoAllReduce,
-                        want,
-                    )
-                });
-                match result {
-                    Ok(StageOutput::Hidden(hidden)) if !last => match tensor_to_bytes(&hidden) {
-                        Ok(bytes) => LinkMsg::Activations {
-                            task_id,
-                            pos,
-                            sampling,
-                            sample,
-                            score,
-                            data: Blob(bytes),
-                        },
-                        Err(e) => LinkMsg::Failed {
-                            task_id,
-                            cause: e.to_string(),
-                        },
-                    },
-                    Ok(StageOutput::Logits(logits)) if last => {
-                        let sampler = entry.1.get_or_insert_with(|| sampler_for(&sampling));
-                        let answer =
-                            split_scores(logits, score.as_ref()).and_then(|(logits, scores)| {
-                                match sample {
-                                    false => Ok(LinkMsg::Prefilled {
-                                        task_id: task_id.clone(),
-                                        scores,
-                                    }),
-                                    true => sampler.next(&logits).map(|sampled| LinkMsg::Token {
-                                        task_id: task_id.clone(),
-                                        token: sampled.id,
-                                        logprobs: sampled.logprobs,
-                                        scores,
-                                    }),
-                                }
-                            });
-                        answer.unwrap_or_else(|e| LinkMsg::Failed {
-                            task_id,
-                            cause: e.to_string(),
-                        })
-                    }
-                    Ok(_) => LinkMsg::Failed {
-                        task_id,
-                        cause: "stage output does not match its place".into(),
-                    },
-                    Err(e) => LinkMsg::Failed {
-                        task_id,
-                        cause: format!("rank {}: {e}", shard.spec().tp_rank),
-                    },
-                }
-            }
-            LinkMsg::Finish { task_id } => {
-                tasks.remove(&task_id);
-                if last {
-                    continue;
-                }
-                LinkMsg::Finish { task_id }
-            }
-            failed @ LinkMsg::Failed { .. } => failed,
-            other => return Err(format!("unexpected message on a pipeline link: {other:?}")),
-        };
-        next.send(handle, forwarded).map_err(|e| e.to_string())?;
-    }
-}
-
-fn tensor_stage(
-    shard: &Shard,
-    handle: &Handle,
-    mut link: Link,
-    notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
-    let mut caches: HashMap<String, KvCache> = HashMap::new();
-    loop {
-        match link.recv(handle) {
-            Ok(LinkMsg::TpStep {
-                task_id,
-                pos,
-                tokens,
-            }) => {
-                notify(EngineNotice::StageStep);
-                let cache = caches.entry(task_id).or_insert_with(|| shard.new_cache());
-                let mut reduce = StarAllReduce::Leaf {
-                    handle,
-                    link: &mut link,
-                };
-                shard
-                    .forward(StageInput::Tokens(tokens), pos as usize, cache, &mut reduce)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(LinkMsg::Finish { task_id }) => {
-                caches.remove(&task_id);
-            }
-            Ok(other) => return Err(format!("unexpected message on a tensor link: {other:?}")),
-            Err(LinkEnd::Ended) => {
-                link.close(handle);
-                return Ok(());
-            }
-            Err(LinkEnd::Lost(detail)) => return Err(detail),
         }
     }
 }

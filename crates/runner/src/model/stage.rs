@@ -1,0 +1,297 @@
+//! The ranks > 0 of a model instance: each serves its links on a *stage
+//! server* thread, one batched step per message, in the order rank 0 sent
+//! them; and the all-reduce of tensor parallelism through rank 0.
+//!
+//! Invariants:
+//! * A stage keeps one KV cache per task it has seen, until that task's
+//!   `Finish`; a step's sequences use their own caches only.
+//! * A step the stage cannot compute becomes one `Failed` for the whole
+//!   step, passed on to rank 0; the server keeps serving.
+//! * A stage ends its outgoing link only once its upstream ended (front to
+//!   back), so no stage sees `PeerLost` on a graceful path.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use engine::model::{AllReduce, BatchOutput, KvCache, Logits, SeqStep, Shard, StageInput};
+use engine::sampler::Sampler;
+use engine::wire::{tensor_from_bytes, tensor_to_bytes};
+use engine::EngineError;
+use ipc::Blob;
+use tokio::runtime::Handle;
+
+use super::{compute, sampler_for, split_scores, EngineNotice, Topology};
+use crate::links::{Link, LinkEnd, LinkMsg, SeqDone, SeqMeta, SeqResult};
+
+/// Tensor parallelism's sum through rank 0.
+pub(super) enum StarAllReduce<'a> {
+    Root {
+        handle: &'a Handle,
+        links: &'a mut [Link],
+    },
+    Leaf {
+        handle: &'a Handle,
+        link: &'a mut Link,
+    },
+}
+
+impl AllReduce for StarAllReduce<'_> {
+    fn all_reduce_sum(&mut self, partial: &Tensor) -> engine::Result<Tensor> {
+        match self {
+            StarAllReduce::Root { handle, links } => {
+                let mut sum = partial.clone();
+                for link in links.iter_mut() {
+                    match link.expect(handle)? {
+                        LinkMsg::Partial { data } => sum = (sum + tensor_from_bytes(&data.0)?)?,
+                        other => {
+                            return Err(compute(format!(
+                                "expected a partial sum from rank {}, got {other:?}",
+                                link.peer_rank
+                            )))
+                        }
+                    }
+                }
+                let bytes = tensor_to_bytes(&sum)?;
+                for link in links.iter() {
+                    link.send(
+                        handle,
+                        LinkMsg::Reduced {
+                            data: Blob(bytes.clone()),
+                        },
+                    )?;
+                }
+                Ok(sum)
+            }
+            StarAllReduce::Leaf { handle, link } => {
+                link.send(
+                    handle,
+                    LinkMsg::Partial {
+                        data: Blob(tensor_to_bytes(partial)?),
+                    },
+                )?;
+                match link.expect(handle)? {
+                    LinkMsg::Reduced { data } => Ok(tensor_from_bytes(&data.0)?),
+                    other => Err(compute(format!(
+                        "expected the reduced sum from rank 0, got {other:?}"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a link to its end; anything but a clean end is an error.
+pub(super) fn drain_until_end(handle: &Handle, link: &mut Link) -> Result<(), EngineError> {
+    loop {
+        match link.recv(handle) {
+            Ok(_) => {}
+            Err(LinkEnd::Ended) => return Ok(()),
+            Err(LinkEnd::Lost(detail)) => return Err(compute(detail)),
+        }
+    }
+}
+
+/// The loop of a rank > 0: serves its links until its upstream ends.
+pub(super) fn stage_server(
+    shard: &Shard,
+    handle: &Handle,
+    topology: Topology,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    match topology {
+        Topology::Ring { prev, next } => pipeline_stage(shard, handle, prev, next, notify),
+        Topology::Star { mut links } => match links.pop() {
+            Some(link) => tensor_stage(shard, handle, link, notify),
+            None => Ok(()),
+        },
+        Topology::Alone => Ok(()),
+    }
+}
+
+/// A pipeline stage's state for one task.
+struct StageTask {
+    cache: KvCache,
+    /// The last stage's sampler, made from the task's first step.
+    sampler: Option<Sampler>,
+}
+
+/// Takes the tasks of `ids` out of `tasks` (new ones get an empty cache),
+/// in order, so a step can borrow all their caches at once.
+fn take_tasks(
+    shard: &Shard,
+    tasks: &mut HashMap<String, StageTask>,
+    ids: impl Iterator<Item = String>,
+) -> Vec<(String, StageTask)> {
+    ids.map(|id| {
+        let task = tasks.remove(&id).unwrap_or_else(|| StageTask {
+            cache: shard.new_cache(),
+            sampler: None,
+        });
+        (id, task)
+    })
+    .collect()
+}
+
+fn pipeline_stage(
+    shard: &Shard,
+    handle: &Handle,
+    mut prev: Link,
+    next: Link,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    let last = shard.spec().layers.end == shard.config().n_layers;
+    let mut tasks: HashMap<String, StageTask> = HashMap::new();
+    loop {
+        let msg = match prev.recv(handle) {
+            Ok(msg) => msg,
+            Err(LinkEnd::Ended) => {
+                next.close(handle);
+                return Ok(());
+            }
+            Err(LinkEnd::Lost(detail)) => return Err(detail),
+        };
+        let forwarded = match msg {
+            LinkMsg::Activations { seqs, data } => {
+                notify(EngineNotice::StageStep);
+                let mut taken =
+                    take_tasks(shard, &mut tasks, seqs.iter().map(|m| m.task_id.clone()));
+                let answer = pipeline_step(shard, last, &seqs, data, &mut taken);
+                tasks.extend(taken);
+                answer
+            }
+            LinkMsg::Finish { task_id } => {
+                tasks.remove(&task_id);
+                if last {
+                    continue;
+                }
+                LinkMsg::Finish { task_id }
+            }
+            failed @ LinkMsg::Failed { .. } => failed,
+            other => return Err(format!("unexpected message on a pipeline link: {other:?}")),
+        };
+        next.send(handle, forwarded).map_err(|e| e.to_string())?;
+    }
+}
+
+/// One batched step of a pipeline stage: the activations for the next
+/// stage, or (the last stage) each sequence's result.
+fn pipeline_step(
+    shard: &Shard,
+    last: bool,
+    seqs: &[SeqMeta],
+    data: Blob,
+    taken: &mut [(String, StageTask)],
+) -> LinkMsg {
+    let layers = &shard.spec().layers;
+    let failed = |e: &dyn std::fmt::Display| LinkMsg::Failed {
+        cause: format!(
+            "the stage with layers {}..{}: {e}",
+            layers.start, layers.end
+        ),
+    };
+    let mut steps: Vec<SeqStep<'_>> = taken
+        .iter_mut()
+        .zip(seqs)
+        .map(|((_, t), m)| SeqStep {
+            cache: &mut t.cache,
+            len: m.len as usize,
+            logits: if m.score.is_some() {
+                Logits::All
+            } else {
+                Logits::Last
+            },
+        })
+        .collect();
+    let result = tensor_from_bytes(&data.0).and_then(|hidden| {
+        shard.forward_batch(
+            StageInput::Hidden(hidden),
+            &mut steps,
+            &mut engine::model::NoAllReduce,
+        )
+    });
+    drop(steps);
+    match result {
+        Ok(BatchOutput::Hidden(hidden)) if !last => match tensor_to_bytes(&hidden) {
+            Ok(bytes) => LinkMsg::Activations {
+                seqs: seqs.to_vec(),
+                data: Blob(bytes),
+            },
+            Err(e) => failed(&e),
+        },
+        Ok(BatchOutput::Logits(logits)) if last => {
+            let results = logits
+                .into_iter()
+                .zip(seqs)
+                .zip(taken.iter_mut())
+                .map(|((logits, m), (_, t))| {
+                    let sampler = t.sampler.get_or_insert_with(|| sampler_for(&m.sampling));
+                    let outcome =
+                        split_scores(logits, m.score.as_ref()).and_then(|(logits, scores)| match m
+                            .sample
+                        {
+                            false => Ok(SeqDone::Prefilled { scores }),
+                            true => sampler.next(&logits).map(|sampled| SeqDone::Token {
+                                token: sampled.id,
+                                logprobs: sampled.logprobs,
+                                scores,
+                            }),
+                        });
+                    SeqResult {
+                        task_id: m.task_id.clone(),
+                        outcome: outcome.map_err(|e| e.to_string()),
+                    }
+                })
+                .collect();
+            LinkMsg::Results { results }
+        }
+        Ok(_) => failed(&"its output does not match its place in the pipeline"),
+        Err(e) => failed(&e),
+    }
+}
+
+fn tensor_stage(
+    shard: &Shard,
+    handle: &Handle,
+    mut link: Link,
+    notify: &(dyn Fn(EngineNotice) + Send + Sync),
+) -> Result<(), String> {
+    let mut tasks: HashMap<String, StageTask> = HashMap::new();
+    loop {
+        match link.recv(handle) {
+            Ok(LinkMsg::TpStep { seqs, tokens }) => {
+                notify(EngineNotice::StageStep);
+                let mut taken =
+                    take_tasks(shard, &mut tasks, seqs.iter().map(|s| s.task_id.clone()));
+                let mut steps: Vec<SeqStep<'_>> = taken
+                    .iter_mut()
+                    .zip(&seqs)
+                    .map(|((_, t), s)| SeqStep {
+                        cache: &mut t.cache,
+                        len: s.len as usize,
+                        logits: Logits::Last,
+                    })
+                    .collect();
+                let mut reduce = StarAllReduce::Leaf {
+                    handle,
+                    link: &mut link,
+                };
+                // A rank that cannot take part in the sums cannot go on:
+                // rank 0 would wait for its partials.
+                shard
+                    .forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)
+                    .map_err(|e| e.to_string())?;
+                drop(steps);
+                tasks.extend(taken);
+            }
+            Ok(LinkMsg::Finish { task_id }) => {
+                tasks.remove(&task_id);
+            }
+            Ok(other) => return Err(format!("unexpected message on a tensor link: {other:?}")),
+            Err(LinkEnd::Ended) => {
+                link.close(handle);
+                return Ok(());
+            }
+            Err(LinkEnd::Lost(detail)) => return Err(detail),
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Rank 0's batched step: what each task of a batch needs (a plan), one
+//! forward pass of all their tokens together, and what each made of it.
+//!
+//! Invariants:
+//! * A task's step is decided without a forward pass when it can be (a
+//!   finish, a prompt report, the token sampled with the prompt's last
+//!   chunk); otherwise it takes its next prompt chunk or its last token.
+//! * A step's prompt tokens are bounded by the step budget
+//!   (`prefill::StepBudget`) beside the sequences that decode in it, and
+//!   each prompt by its own chunk; every task in the batch moves on.
+//! * A forward that fails fails the tasks that took part in it, with its
+//!   cause; tasks decided without it keep their results. A sampler that
+//!   fails fails its own task only.
+//! * Pipeline: `launch` runs rank 0's layers and sends the step on; `land`
+//!   reads the results of the oldest step in flight. Steps land in launch
+//!   order, which is the order of every link.
+
+use std::time::Instant;
+
+use engine::model::{BatchOutput, Logits, NoAllReduce, SeqStep, StageInput};
+use engine::sampler::{Sampled, Scored};
+use engine::wire::tensor_to_bytes;
+use engine::EngineError;
+use ipc::proto::PromptReport;
+use ipc::Blob;
+
+use super::stage::StarAllReduce;
+use super::{compute, split_scores, ModelEngine, ModelTask, Topology};
+use crate::engine::Step;
+use crate::links::{LinkMsg, ScoreTargets, SeqDone, SeqMeta, TpSeq};
+
+/// A task's part of a step in flight.
+pub(super) enum Flight {
+    /// Decided without a forward pass.
+    Ready(Result<Step, EngineError>),
+    /// In the forward pass: `n` tokens at positions `pos..`.
+    Forward {
+        pos: usize,
+        n: usize,
+        /// The chunk took the rest of the prompt (or is a decoded token).
+        last: bool,
+        sample: bool,
+        score: Option<ScoreTargets>,
+        /// Set once known: the token sampled (when `sample`) and the
+        /// chunk's scores.
+        outcome: Option<Result<(Option<Sampled>, Vec<Scored>), EngineError>>,
+    },
+}
+
+/// A step in flight, for the budget's measurements.
+pub(super) struct InFlight {
+    started: Instant,
+    decoding: usize,
+    prefill: usize,
+}
+
+fn forward_outcome(
+    task: &mut ModelTask,
+) -> Option<&mut Option<Result<(Option<Sampled>, Vec<Scored>), EngineError>>> {
+    match &mut task.flight {
+        Some(Flight::Forward { outcome, .. }) => Some(outcome),
+        _ => None,
+    }
+}
+
+impl ModelEngine {
+    /// What `task` does this step if it needs no forward pass.
+    fn ready_step(&self, task: &mut ModelTask) -> Option<Result<Step, EngineError>> {
+        if let Some(reason) = task.finish.clone() {
+            return Some(Ok(Step::Finished {
+                finish_reason: reason,
+                completion_tokens: task.produced,
+            }));
+        }
+        // The prompt's tokens alone need no forward pass.
+        if task.report == Some(PromptReport::Tokens) {
+            return Some(self.prompt_step(task));
+        }
+        if let Some(sampled) = task.ahead.take() {
+            return Some(self.take_token(task, sampled));
+        }
+        // A prompt to score is prefilled even when nothing is to be
+        // generated (`echo` with `max_tokens` 0).
+        if task.produced >= task.max_tokens && task.report.is_none() {
+            return Some(self.finish(task, "length"));
+        }
+        None
+    }
+
+    /// Plans every task's part of the step and runs rank 0's forward pass
+    /// (and, alone or tensor parallel, the sampling too).
+    pub(super) fn launch_batch(&mut self, batch: &mut [&mut ModelTask]) {
+        let started = Instant::now();
+        let mut decoding = 0;
+        for task in batch.iter_mut() {
+            task.flight = self.ready_step(task).map(Flight::Ready);
+            if task.flight.is_none() && task.pos >= task.prompt_total as usize {
+                decoding += 1;
+            }
+        }
+        let mut room = self.budget.prefill_tokens(decoding);
+        let mut prefill = 0;
+        for task in batch.iter_mut().filter(|t| t.flight.is_none()) {
+            let prefilling = task.pos < task.prompt_total as usize;
+            let n = if prefilling {
+                let n = task.pending.len().min(task.chunk).min(room.max(1));
+                room = room.saturating_sub(n);
+                prefill += n;
+                n
+            } else {
+                task.pending.len()
+            };
+            let last = n == task.pending.len();
+            let pos = task.pos;
+            // While the prompt is scored: the prompt tokens that follow
+            // this chunk's positions.
+            let score = match task.report {
+                Some(PromptReport::Logprobs(top)) => {
+                    let len = task.prompt.len();
+                    let targets = task.prompt[(pos + 1).min(len)..(pos + n + 1).min(len)].to_vec();
+                    Some(ScoreTargets { top, targets })
+                }
+                _ => None,
+            };
+            task.flight = Some(Flight::Forward {
+                pos,
+                n,
+                last,
+                sample: last && task.produced < task.max_tokens,
+                score,
+                outcome: None,
+            });
+        }
+        self.in_flight.push_back(InFlight {
+            started,
+            decoding,
+            prefill,
+        });
+        if let Err(e) = self.forward_batch(batch) {
+            let cause = e.to_string();
+            for task in batch.iter_mut() {
+                if let Some(outcome) = forward_outcome(task) {
+                    if outcome.is_none() {
+                        *outcome = Some(Err(compute(&cause)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rank 0's forward pass over the tasks planned `Forward`; alone or
+    /// tensor parallel it also samples, in a pipeline it sends the step on.
+    fn forward_batch(&mut self, batch: &mut [&mut ModelTask]) -> Result<(), EngineError> {
+        let shard = self.shard()?.clone();
+        let handle = self.handle.clone();
+        let mut tokens = Vec::new();
+        let mut metas = Vec::new();
+        for task in batch.iter_mut() {
+            if let Some(Flight::Forward {
+                pos,
+                n,
+                sample,
+                score,
+                ..
+            }) = &task.flight
+            {
+                tokens.extend(task.pending.drain(..*n));
+                metas.push(SeqMeta {
+                    task_id: task.task_id.clone(),
+                    pos: *pos as u32,
+                    len: *n as u32,
+                    sampling: task.sampling.clone(),
+                    sample: *sample,
+                    score: score.clone(),
+                });
+            }
+        }
+        if metas.is_empty() {
+            return Ok(());
+        }
+        let mut steps: Vec<SeqStep<'_>> = batch
+            .iter_mut()
+            .filter_map(|task| match &task.flight {
+                Some(Flight::Forward { n, score, .. }) => Some(SeqStep {
+                    len: *n,
+                    logits: if score.is_some() {
+                        Logits::All
+                    } else {
+                        Logits::Last
+                    },
+                    cache: &mut task.cache,
+                }),
+                _ => None,
+            })
+            .collect();
+        let input = StageInput::Tokens(tokens);
+        let output = match self.topology.as_mut() {
+            Some(Topology::Alone) | None => {
+                shard.forward_batch(input, &mut steps, &mut NoAllReduce)?
+            }
+            Some(Topology::Star { links }) => {
+                let seqs: Vec<TpSeq> = metas
+                    .iter()
+                    .map(|m| TpSeq {
+                        task_id: m.task_id.clone(),
+                        pos: m.pos,
+                        len: m.len,
+                    })
+                    .collect();
+                let StageInput::Tokens(ids) = &input else {
+                    unreachable!("rank 0 takes tokens")
+                };
+                for link in links.iter() {
+                    link.send(
+                        &handle,
+                        LinkMsg::TpStep {
+                            seqs: seqs.clone(),
+                            tokens: ids.clone(),
+                        },
+                    )?;
+                }
+                let mut reduce = StarAllReduce::Root {
+                    handle: &handle,
+                    links,
+                };
+                shard.forward_batch(input, &mut steps, &mut reduce)?
+            }
+            Some(Topology::Ring { next, .. }) => {
+                let hidden = match shard.forward_batch(input, &mut steps, &mut NoAllReduce)? {
+                    BatchOutput::Hidden(h) => h,
+                    BatchOutput::Logits(_) => {
+                        return Err(compute("the first stage of a pipeline produced logits"))
+                    }
+                };
+                drop(steps);
+                for task in batch.iter_mut() {
+                    if let Some(Flight::Forward { n, .. }) = &task.flight {
+                        task.pos += n;
+                    }
+                }
+                let data = Blob(tensor_to_bytes(&hidden)?);
+                next.send(&handle, LinkMsg::Activations { seqs: metas, data })?;
+                return Ok(());
+            }
+        };
+        drop(steps);
+        let BatchOutput::Logits(logits) = output else {
+            return Err(compute(
+                "a shard that ends the model produced hidden states",
+            ));
+        };
+        let mut logits = logits.into_iter();
+        for task in batch.iter_mut() {
+            let Some(Flight::Forward {
+                n,
+                sample,
+                score,
+                outcome,
+                ..
+            }) = &mut task.flight
+            else {
+                continue;
+            };
+            task.pos += *n;
+            let l = logits
+                .next()
+                .ok_or_else(|| compute("the batch gave fewer logits than sequences"))?;
+            let result = split_scores(l, score.as_ref()).and_then(|(l, scores)| {
+                let sampled = sample.then(|| task.sampler.next(&l)).transpose()?;
+                Ok((sampled, scores))
+            });
+            *outcome = Some(result);
+        }
+        Ok(())
+    }
+
+    /// Completes the oldest step in flight: reads a pipeline's results,
+    /// then turns every task's part into its `Step`.
+    pub(super) fn land_batch(
+        &mut self,
+        batch: &mut [&mut ModelTask],
+    ) -> Vec<Result<Step, EngineError>> {
+        if batch
+            .iter_mut()
+            .any(|t| forward_outcome(t).is_some_and(|o| o.is_none()))
+        {
+            self.receive_results(batch);
+        }
+        if let Some(step) = self.in_flight.pop_front() {
+            let took = step.started.elapsed();
+            self.budget.observe(step.decoding, step.prefill, took);
+            if self.args.prefill_chunk.is_none() {
+                for task in batch.iter_mut() {
+                    if let Some(Flight::Forward { n, last: false, .. }) = &task.flight {
+                        let ceiling = self.chunk_ceiling(task.report.is_some());
+                        task.chunk = crate::prefill::next_chunk(*n, took, ceiling);
+                    }
+                }
+            }
+        }
+        batch
+            .iter_mut()
+            .map(|task| self.finish_step(task))
+            .collect()
+    }
+
+    /// A pipeline's answer for the step in flight, into each task's
+    /// outcome.
+    fn receive_results(&mut self, batch: &mut [&mut ModelTask]) {
+        let handle = self.handle.clone();
+        let msg = match self.topology.as_mut() {
+            Some(Topology::Ring { prev, .. }) => prev.expect(&handle),
+            _ => Err(compute("a step is in flight without a pipeline")),
+        };
+        let mut results = match msg {
+            Ok(LinkMsg::Results { results }) => Ok(results.into_iter()),
+            Ok(LinkMsg::Failed { cause }) => Err(cause),
+            Ok(other) => Err(format!("unexpected message on the token link: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        for task in batch.iter_mut() {
+            let task_id = task.task_id.clone();
+            let Some(outcome) = forward_outcome(task) else {
+                continue;
+            };
+            if outcome.is_some() {
+                continue;
+            }
+            let result = match &mut results {
+                Err(cause) => Err(compute(&*cause)),
+                Ok(results) => match results.next() {
+                    Some(r) if r.task_id == task_id => match r.outcome {
+                        Ok(SeqDone::Token {
+                            token,
+                            logprobs,
+                            scores,
+                        }) => Ok((
+                            Some(Sampled {
+                                id: token,
+                                logprobs,
+                            }),
+                            scores,
+                        )),
+                        Ok(SeqDone::Prefilled { scores }) => Ok((None, scores)),
+                        Err(cause) => Err(compute(cause)),
+                    },
+                    Some(r) => Err(compute(format!(
+                        "the pipeline answered for task {} where {task_id} was due",
+                        r.task_id
+                    ))),
+                    None => Err(compute(format!(
+                        "the pipeline's answer left out task {task_id}"
+                    ))),
+                },
+            };
+            *outcome = Some(result);
+        }
+    }
+
+    /// What a task's part of the step made: its `Step`.
+    fn finish_step(&self, task: &mut ModelTask) -> Result<Step, EngineError> {
+        match task.flight.take() {
+            None => Err(compute("a task landed that was not launched")),
+            Some(Flight::Ready(step)) => step,
+            Some(Flight::Forward { last, outcome, .. }) => {
+                let (sampled, scores) =
+                    outcome.unwrap_or_else(|| Err(compute("a step landed without its outcome")))?;
+                task.scores.extend(scores);
+                if !last {
+                    // Until the prompt is in, the position is what was
+                    // prefilled.
+                    return Ok(Step::Prefilled {
+                        done: task.pos as u32,
+                        total: task.prompt_total,
+                    });
+                }
+                if task.report.is_some() {
+                    task.ahead = sampled;
+                    return self.prompt_step(task);
+                }
+                let sampled =
+                    sampled.ok_or_else(|| compute("a sampling step produced no token"))?;
+                self.take_token(task, sampled)
+            }
+        }
+    }
+
+    /// A sampled token: the end of the turn, or text for the client.
+    fn take_token(&self, task: &mut ModelTask, sampled: Sampled) -> Result<Step, EngineError> {
+        let token = sampled.id;
+        task.produced += 1;
+        if self.eos.contains(&token) {
+            return self.finish(task, "stop");
+        }
+        if let Some(lp) = sampled.logprobs {
+            let lp = self.token_logprob(token, lp);
+            task.held_logprobs.push(lp);
+        }
+        task.generated.push(token);
+        task.pending.push(token);
+        let text = self.take_text(task, false)?;
+        Ok(if text.is_empty() {
+            Step::Progress
+        } else {
+            Step::Token {
+                text,
+                logprobs: std::mem::take(&mut task.held_logprobs),
+            }
+        })
+    }
+}

@@ -13,11 +13,14 @@
 //!   [`STEP_TARGET`] of compute per step: after a step of `n` tokens that
 //!   took `t`, the next takes `n * STEP_TARGET / t` tokens, never more than
 //!   the ceiling (the default chunk, or the scoring chunk) and never fewer
-//!   than [`MIN_CHUNK`] (or the ceiling, if lower). Attention grows with the
-//!   position, so a long prompt's chunks shrink as it goes.
+//!   than [`MIN_CHUNK`] (or the ceiling, if lower), in whole attention
+//!   blocks ([`whole_blocks`]) when it is at least one. Attention grows
+//!   with the position, so a long prompt's chunks shrink as it goes.
 //! * The policy only sizes steps; it never changes what is computed.
 
 use std::time::Duration;
+
+use engine::model::ATTENTION_BLOCK;
 
 /// The compute a prefill step aims at: well inside the default 30 s stall
 /// bound, and short enough that a chat arriving behind a long prompt waits
@@ -25,8 +28,17 @@ use std::time::Duration;
 pub const STEP_TARGET: Duration = Duration::from_secs(2);
 
 /// Fewer tokens per step than this waste more in per-step overhead than
-/// they gain in latency.
-pub const MIN_CHUNK: usize = 16;
+/// they gain in latency. One attention block, so chunks stay whole blocks.
+pub const MIN_CHUNK: usize = ATTENTION_BLOCK;
+
+/// `n` rounded down to whole attention blocks, at least one block: cuts
+/// between a prompt's steps then fall on block boundaries, where they do
+/// not change what attention computes (`engine::model`'s chunking
+/// independence), so a prompt gets the same answer however the load cut
+/// it.
+pub fn whole_blocks(n: usize) -> usize {
+    (n / ATTENTION_BLOCK).max(1) * ATTENTION_BLOCK
+}
 
 /// The chunk after a step of `tokens` tokens that took `took`, for a task
 /// whose chunk may not exceed `ceiling`.
@@ -36,7 +48,12 @@ pub fn next_chunk(tokens: usize, took: Duration, ceiling: usize) -> usize {
     let took = took.as_secs_f64().max(1e-6);
     let scaled = tokens as f64 * STEP_TARGET.as_secs_f64() / took;
     // `as` saturates; the clamp keeps the result in [floor, ceiling].
-    (scaled.floor() as usize).clamp(floor, ceiling)
+    let chunk = (scaled.floor() as usize).clamp(floor, ceiling);
+    if chunk >= ATTENTION_BLOCK {
+        whole_blocks(chunk)
+    } else {
+        chunk
+    }
 }
 
 /// How long a step that prefills beside decoding sequences aims to take,
@@ -46,8 +63,8 @@ pub fn next_chunk(tokens: usize, took: Duration, ceiling: usize) -> usize {
 pub const MIXED_STEP_FACTOR: f64 = 2.0;
 
 /// Prompt tokens a mixed step takes before anything is measured, and at
-/// least: a few tokens still move a long prompt on.
-pub const MIN_MIXED_TOKENS: usize = 16;
+/// least: one attention block still moves a long prompt on.
+pub const MIN_MIXED_TOKENS: usize = ATTENTION_BLOCK;
 
 /// How many prompt tokens one batched step takes beside the sequences
 /// that decode in it (a pure policy; the caller measures).
@@ -58,8 +75,8 @@ pub const MIN_MIXED_TOKENS: usize = 16;
 /// * With `d` sequences decoding, it takes the tokens that keep the step
 ///   within [`MIXED_STEP_FACTOR`] decode steps, by the last measured
 ///   decode step and prompt-token cost; never more than `max_tokens - d`,
-///   never fewer than [`MIN_MIXED_TOKENS`] (or that room, if less, but at
-///   least one), so a prompt always moves on.
+///   never fewer than [`MIN_MIXED_TOKENS`], so a prompt always moves on.
+/// * Every answer is whole attention blocks ([`whole_blocks`]).
 #[derive(Debug, Clone)]
 pub struct StepBudget {
     max_tokens: usize,
@@ -92,16 +109,15 @@ impl StepBudget {
     /// sequences.
     pub fn prefill_tokens(&self, decoding: usize) -> usize {
         if decoding == 0 {
-            return self.max_tokens;
+            return whole_blocks(self.max_tokens);
         }
-        let room = self.max_tokens.saturating_sub(decoding).max(1);
-        let floor = MIN_MIXED_TOKENS.min(room);
+        let room = self.max_tokens.saturating_sub(decoding);
         match (self.decode_step, self.token_cost) {
             (Some(step), Some(cost)) if cost > 0.0 => {
                 let tokens = step * (MIXED_STEP_FACTOR - 1.0) / cost;
-                (tokens.floor() as usize).clamp(floor, room)
+                whole_blocks((tokens.floor() as usize).min(room))
             }
-            _ => floor,
+            _ => MIN_MIXED_TOKENS,
         }
     }
 
@@ -134,18 +150,26 @@ mod tests {
     }
 
     #[test]
-    fn a_step_without_decoding_takes_the_whole_budget() {
-        let b = StepBudget::new(512);
-        assert_eq!(b.prefill_tokens(0), 512);
+    fn a_step_without_decoding_takes_the_whole_budget_in_whole_blocks() {
+        assert_eq!(StepBudget::new(512).prefill_tokens(0), 512);
+        assert_eq!(StepBudget::new(100).prefill_tokens(0), 96);
+        assert_eq!(StepBudget::new(5).prefill_tokens(0), ATTENTION_BLOCK);
     }
 
     #[test]
-    fn before_measuring_a_mixed_step_takes_the_floor() {
+    fn before_measuring_a_mixed_step_takes_one_block() {
         let b = StepBudget::new(512);
         assert_eq!(b.prefill_tokens(3), MIN_MIXED_TOKENS);
-        // Room for fewer than the floor: the room, and at least one.
-        assert_eq!(StepBudget::new(10).prefill_tokens(4), 6);
-        assert_eq!(StepBudget::new(4).prefill_tokens(8), 1);
+        // Even where the decoding sequences fill the step.
+        assert_eq!(StepBudget::new(4).prefill_tokens(8), MIN_MIXED_TOKENS);
+    }
+
+    #[test]
+    fn whole_blocks_round_down_to_at_least_one_block() {
+        let b = ATTENTION_BLOCK;
+        assert_eq!(whole_blocks(0), b);
+        assert_eq!(whole_blocks(b - 1), b);
+        assert_eq!(whole_blocks(3 * b + 7), 3 * b);
     }
 
     #[test]
@@ -160,23 +184,28 @@ mod tests {
         for _ in 0..40 {
             slow_decode.observe(4, 0, ms(100));
         }
-        // 100 ms decode steps leave room for about 100 tokens.
-        let n = slow_decode.prefill_tokens(4);
-        assert!((95..=100).contains(&n), "{n}");
+        // 100 ms decode steps leave room for about 100 tokens: 96.
+        assert_eq!(slow_decode.prefill_tokens(4), 96);
         // Never more than the step's room.
         for _ in 0..40 {
             slow_decode.observe(4, 0, Duration::from_secs(10));
         }
-        assert_eq!(slow_decode.prefill_tokens(4), 508);
+        // 508 tokens of room: 496 in whole blocks.
+        assert_eq!(slow_decode.prefill_tokens(4), 496);
     }
 
     #[test]
     fn a_mixed_step_charges_its_prompt_tokens_what_decoding_did_not_take() {
         let mut b = StepBudget::new(512);
         b.observe(2, 0, ms(20));
-        // A mixed step of 40 ms with 20 prompt tokens: 1 ms a token.
-        b.observe(2, 20, ms(40));
-        assert_eq!(b.prefill_tokens(2), 20);
+        // A mixed step of 52 ms with 32 prompt tokens: 1 ms a token, so
+        // the 20 ms decode step leaves room for 20: one block.
+        b.observe(2, 32, ms(52));
+        assert_eq!(b.prefill_tokens(2), 16);
+        let mut d = StepBudget::new(512);
+        d.observe(2, 0, ms(40));
+        d.observe(2, 32, ms(72));
+        assert_eq!(d.prefill_tokens(2), 32);
         // A step faster than its decode part costs nothing, not less.
         let mut c = StepBudget::new(512);
         c.observe(2, 0, ms(20));
@@ -208,9 +237,11 @@ mod tests {
     }
 
     #[test]
-    fn a_step_that_took_exactly_the_target_is_repeated() {
-        for n in [16, 100, 333, 512] {
+    fn a_step_that_took_exactly_the_target_is_repeated_in_whole_blocks() {
+        for n in [16, 96, 336, 512] {
             assert_eq!(next_chunk(n, STEP_TARGET, 512), n);
         }
+        assert_eq!(next_chunk(100, STEP_TARGET, 512), 96);
+        assert_eq!(next_chunk(333, STEP_TARGET, 512), 320);
     }
 }

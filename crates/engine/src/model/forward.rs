@@ -13,7 +13,12 @@
 //!   attention they would alone; nothing mixes rows of two sequences. Any
 //!   difference from running it alone comes from a matmul kernel whose
 //!   per-row summation order depends on how many rows it is given, never
-//!   from the batching itself.
+//!   from the batching itself. Quantized weights are multiplied row by row
+//!   (each input row quantized on its own), so there is none.
+//! * Chunking independence: queries attend in blocks cut at multiples of
+//!   [`ATTENTION_BLOCK`] positions, so the attention matmuls have the same
+//!   shapes however a prompt is cut into steps, as long as every cut falls
+//!   on a multiple of the block.
 //! * Every sequence's cache must be usable (same shard, not poisoned) and
 //!   its positions within the context before anything is computed; a step
 //!   that fails part-way poisons the caches of all its sequences.
@@ -45,6 +50,12 @@ pub enum BatchOutput {
     Logits(Vec<Tensor>),
 }
 
+/// Queries attend in blocks of this many positions, cut at multiples of it
+/// from position 0, whatever the step holds: a prompt chunked as a
+/// scheduler pleases gets the attention of any other chunking whose chunks
+/// are multiples of it (see the batch-independence invariant).
+pub const ATTENTION_BLOCK: usize = 16;
+
 /// Where one sequence's rows sit in the batch, and its positions.
 struct Segment {
     row: usize,
@@ -52,7 +63,27 @@ struct Segment {
     pos: usize,
     cos: Tensor,
     sin: Tensor,
+    blocks: Vec<Block>,
+}
+
+/// Rows `start..start+len` of a segment that attend together.
+struct Block {
+    start: usize,
+    len: usize,
     mask: Option<Tensor>,
+}
+
+/// The blocks of positions `pos..pos+len`: cut at multiples of
+/// [`ATTENTION_BLOCK`]; `(start, len)` relative to `pos`.
+fn blocks_of(pos: usize, len: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = pos;
+    while at < pos + len {
+        let end = ((at / ATTENTION_BLOCK + 1) * ATTENTION_BLOCK).min(pos + len);
+        out.push((at - pos, end - at));
+        at = end;
+    }
+    out
 }
 
 impl Shard {
@@ -95,25 +126,25 @@ impl Shard {
         for s in seqs.iter() {
             let pos = s.cache.seq_len;
             let (cos, sin) = self.rope_tables(pos, s.len)?;
-            // One position attending to all before it needs no mask.
-            let windowed = self.cfg.sliding_window.is_some_and(|w| pos + s.len > w);
-            let mask = if s.len > 1 || windowed {
-                Some(causal_mask(
-                    s.len,
-                    pos,
-                    self.cfg.sliding_window,
-                    &self.device,
-                )?)
-            } else {
-                None
-            };
+            let mut blocks = Vec::new();
+            for (start, len) in blocks_of(pos, s.len) {
+                let at = pos + start;
+                // One position attending to all before it needs no mask.
+                let windowed = self.cfg.sliding_window.is_some_and(|w| at + len > w);
+                let mask = if len > 1 || windowed {
+                    Some(causal_mask(len, at, self.cfg.sliding_window, &self.device)?)
+                } else {
+                    None
+                };
+                blocks.push(Block { start, len, mask });
+            }
             segments.push(Segment {
                 row,
                 len: s.len,
                 pos,
                 cos,
                 sin,
-                mask,
+                blocks,
             });
             row += s.len;
         }
@@ -261,31 +292,45 @@ impl Shard {
             let ks = rope(&heads_first(&k, n_kv)?)?;
             let vs = heads_first(&v, n_kv)?;
             let (k_all, v_all) = s.cache.layers[l].append(&ks, &vs)?;
-            let total = k_all.dim(1)?;
-            debug_assert_eq!(total, g.pos + seq);
+            debug_assert_eq!(k_all.dim(1)?, g.pos + seq);
             // Heads sharing a kv head are consecutive (head = kv * rep + r),
-            // so grouping q as [kv, rep*seq, hd] multiplies each kv head
+            // so grouping q as [kv, rep*rows, hd] multiplies each kv head
             // once instead of materialising repeated keys and values.
             let rep = n_heads / n_kv;
-            let qs = qs.reshape((n_kv, rep * seq, hd))?;
-            // The scale goes on q ([rep*seq, hd]) rather than on the scores
-            // ([rep*seq, positions]): one pass over far fewer values.
+            // The scale goes on q ([rep*rows, hd]) rather than on the
+            // scores ([rep*rows, positions]): one pass over far fewer
+            // values.
             let scale = 1.0 / (hd as f64).sqrt();
-            let mut scores = (qs * scale)?.matmul(&k_all.t()?)?;
-            if let Some(mask) = &g.mask {
-                scores = scores
-                    .reshape((n_kv, rep, seq, total))?
-                    .broadcast_add(mask)?
-                    .reshape((n_kv, rep * seq, total))?;
+            let mut parts = Vec::with_capacity(g.blocks.len());
+            for b in &g.blocks {
+                let total = g.pos + b.start + b.len;
+                let qb = match g.blocks.len() {
+                    1 => qs.clone(),
+                    _ => qs.narrow(1, b.start, b.len)?.contiguous()?,
+                };
+                let qb = qb.reshape((n_kv, rep * b.len, hd))?;
+                let kb = k_all.narrow(1, 0, total)?;
+                let vb = v_all.narrow(1, 0, total)?;
+                let mut scores = (qb * scale)?.matmul(&kb.t()?)?;
+                if let Some(mask) = &b.mask {
+                    scores = scores
+                        .reshape((n_kv, rep, b.len, total))?
+                        .broadcast_add(mask)?
+                        .reshape((n_kv, rep * b.len, total))?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                parts.push(
+                    probs
+                        .matmul(&vb)?
+                        .reshape((n_heads, b.len, hd))?
+                        .transpose(0, 1)?
+                        .reshape((b.len, n_heads * hd))?,
+                );
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(
-                probs
-                    .matmul(&v_all)?
-                    .reshape((n_heads, seq, hd))?
-                    .transpose(0, 1)?
-                    .reshape((seq, n_heads * hd))?,
-            );
+            outs.push(match parts.len() {
+                1 => parts.pop().expect("one block"),
+                _ => Tensor::cat(&parts, 0)?,
+            });
         }
         let out = if outs.len() == 1 {
             outs.pop().expect("one output")
@@ -339,6 +384,19 @@ fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_are_cut_at_multiples_of_the_block() {
+        let b = ATTENTION_BLOCK;
+        assert_eq!(blocks_of(0, 1), [(0, 1)]);
+        assert_eq!(blocks_of(0, b), [(0, b)]);
+        assert_eq!(blocks_of(0, 2 * b + 3), [(0, b), (b, b), (2 * b, 3)]);
+        // A step that starts inside a block finishes that block first.
+        assert_eq!(blocks_of(b + 5, b), [(0, b - 5), (b - 5, 5)]);
+        // A decoded token is a block of its own.
+        assert_eq!(blocks_of(37, 1), [(0, 1)]);
+        assert!(blocks_of(9, 0).is_empty());
+    }
 
     #[test]
     fn causal_mask_with_offset() {

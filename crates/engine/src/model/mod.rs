@@ -39,7 +39,7 @@ mod spec;
 use crate::error::{EngineError, Result};
 pub use cache::KvCache;
 use cache::LayerCache;
-pub use forward::{BatchOutput, SeqStep};
+pub use forward::{BatchOutput, SeqStep, ATTENTION_BLOCK};
 pub use spec::ShardSpec;
 
 /// Sums the partial results of the ranks of a tensor-parallel group. Every

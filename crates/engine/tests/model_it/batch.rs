@@ -8,7 +8,7 @@
 //! expected values come from that run, never from a stored earlier output.
 
 use crate::common::*;
-use engine::model::{BatchOutput, KvCache, SeqStep};
+use engine::model::{BatchOutput, KvCache, SeqStep, ATTENTION_BLOCK};
 
 /// A sequence of the schedule: its prompt and the step it joins at.
 struct Joining {
@@ -234,5 +234,56 @@ fn smollm2_batched_decoding_equals_each_sequence_alone() {
             8,
             tolerance,
         );
+    }
+}
+
+/// A prompt cut into steps at multiples of `ATTENTION_BLOCK` (as the
+/// runner's scheduler cuts prompts beside decoding sequences) gets the
+/// logits it gets in one step: bit for bit on Q8_0 and GGUF blocks, within
+/// the f32 bound on f32 weights. The tiny model and the real SmolLM2 file.
+#[test]
+fn prompts_cut_at_attention_blocks_equal_one_step_prefill() {
+    let model = tiny_model(false);
+    let tiny = [
+        (model.gguf_q8.clone(), WeightFormat::Q8_0, 0.0),
+        (model.gguf_q8.clone(), WeightFormat::Quantized, 0.0),
+        (model.hf.clone(), WeightFormat::F32, 1e-4),
+    ];
+    let real = engine::testing::smollm2_gguf()
+        .map(|p| {
+            vec![
+                (p.clone(), WeightFormat::Q8_0, 0.0),
+                (p.clone(), WeightFormat::Quantized, 0.0),
+                (p, WeightFormat::F32, 1e-3),
+            ]
+        })
+        .unwrap_or_default();
+    for (path, format, tolerance) in tiny.into_iter().chain(real) {
+        let vocab = read_config(&path).expect("config").vocab_size as u32;
+        let prompt: Vec<u32> = (0..3 * ATTENTION_BLOCK as u32 + 5)
+            .map(|j| (11 * j + 3) % vocab)
+            .collect();
+        let runs = on_setup(&path, format, &Setup::Single, |stages, ars| {
+            [usize::MAX, ATTENTION_BLOCK, 2 * ATTENTION_BLOCK]
+                .map(|chunk| {
+                    let one = Joining {
+                        prompt: prompt.clone(),
+                        joins: 0,
+                    };
+                    decode_batch(stages, ars, &[one], 6, chunk).remove(0)
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
+        })
+        .remove(0);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        for (cut, run) in runs.iter().enumerate().skip(1) {
+            assert_eq!(run.tokens, runs[0].tokens, "{name} {format:?}, cut {cut}");
+            let diff = max_abs_diff(&run.logits, &runs[0].logits);
+            println!(
+                "{name} {format:?}: prompt cut {cut} vs one step: max |logit diff| = {diff:e}"
+            );
+            assert!(diff <= tolerance, "{name} {format:?}, cut {cut}: {diff}");
+        }
     }
 }

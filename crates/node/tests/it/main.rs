@@ -2,6 +2,7 @@
 //! daemon, real runner processes, real sockets and real signals.
 
 mod bad_input;
+mod batching;
 mod cluster;
 mod faults;
 mod harness;

@@ -7,7 +7,10 @@
 //!   chunk); otherwise it takes its next prompt chunk or its last token.
 //! * A step's prompt tokens are bounded by the step budget
 //!   (`prefill::StepBudget`) beside the sequences that decode in it, and
-//!   each prompt by its own chunk; every task in the batch moves on.
+//!   each prompt by its own chunk; every task in the batch moves on. Cuts
+//!   between a prompt's steps fall on whole attention blocks (unless the
+//!   instance names a `prefill_chunk` that is not), so its answer does
+//!   not depend on what else was running.
 //! * A forward that fails fails the tasks that took part in it, with its
 //!   cause; tasks decided without it keep their results. A sampler that
 //!   fails fails its own task only.
@@ -29,6 +32,10 @@ use super::{compute, split_scores, ModelEngine, ModelTask, Topology};
 use crate::engine::Step;
 use crate::links::{LinkMsg, ScoreTargets, SeqDone, SeqMeta, TpSeq};
 
+/// What a forward pass gave one task: the token sampled (when it was to
+/// sample) and the scores of its chunk.
+type Outcome = Result<(Option<Sampled>, Vec<Scored>), EngineError>;
+
 /// A task's part of a step in flight.
 pub(super) enum Flight {
     /// Decided without a forward pass.
@@ -43,7 +50,7 @@ pub(super) enum Flight {
         score: Option<ScoreTargets>,
         /// Set once known: the token sampled (when `sample`) and the
         /// chunk's scores.
-        outcome: Option<Result<(Option<Sampled>, Vec<Scored>), EngineError>>,
+        outcome: Option<Outcome>,
     },
 }
 
@@ -54,9 +61,7 @@ pub(super) struct InFlight {
     prefill: usize,
 }
 
-fn forward_outcome(
-    task: &mut ModelTask,
-) -> Option<&mut Option<Result<(Option<Sampled>, Vec<Scored>), EngineError>>> {
+fn forward_outcome(task: &mut ModelTask) -> Option<&mut Option<Outcome>> {
     match &mut task.flight {
         Some(Flight::Forward { outcome, .. }) => Some(outcome),
         _ => None,
@@ -103,7 +108,10 @@ impl ModelEngine {
         for task in batch.iter_mut().filter(|t| t.flight.is_none()) {
             let prefilling = task.pos < task.prompt_total as usize;
             let n = if prefilling {
-                let n = task.pending.len().min(task.chunk).min(room.max(1));
+                // Whole attention blocks of the room, one block once it is
+                // spent: cuts stay on block boundaries.
+                let take = crate::prefill::whole_blocks(room);
+                let n = task.pending.len().min(task.chunk).min(take);
                 room = room.saturating_sub(n);
                 prefill += n;
                 n

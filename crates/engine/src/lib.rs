@@ -16,6 +16,7 @@ pub mod gguf_meta;
 mod gguf_types;
 pub mod loader;
 pub mod model;
+mod pool;
 mod q8tiles;
 pub mod sampler;
 pub mod testing;

@@ -34,6 +34,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
 
+use crate::pool::SharedOut;
+
 const TILE: usize = 16;
 const BLOCK: usize = 32;
 /// Bytes of one GGML Q8_0 block: an f16 scale and 32 quants.
@@ -52,7 +54,10 @@ struct Tile {
 /// One block of 32 quantized activations.
 #[derive(Clone, Copy)]
 struct ActBlock {
-    qs: [i8; BLOCK],
+    /// The 32 quants as eight little-endian words of four: what one
+    /// `vpdpbusd` broadcasts, loaded whole (building them byte by byte in
+    /// the kernel cost more than the multiplies).
+    quads: [i32; BLOCK / 4],
     d: f32,
     /// 128 · Σ qs: what the +128 offset of the weights adds.
     offset: i32,
@@ -204,42 +209,100 @@ impl PackedQ8 {
     }
 }
 
-/// The output buffer, written by the pool's workers at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: workers write disjoint (row, tile) slots (see `PackedQ8::matmul`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// `x` (rows of `k`) as Q8_0 blocks, as llama.cpp's AVX2 `quantize_row_q8_0`.
 fn quantize(x: &[f32], k: usize) -> Vec<ActBlock> {
     let mut out = Vec::with_capacity(x.len() / BLOCK);
     for row in x.chunks_exact(k) {
         for block in row.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = f16::from_f32(amax / 127.0).to_f32();
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut qs = [0i8; BLOCK];
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(block) {
-                *q = (v * id).round_ties_even() as i8;
-                sum += i32::from(*q);
-            }
-            out.push(ActBlock {
-                qs,
-                d,
-                offset: 128 * sum,
-            });
+            let block: &[f32; BLOCK] = block.try_into().expect("32 values");
+            out.push(quantize_block(block));
         }
     }
     out
+}
+
+/// One block: with AVX-512 where the tiles run (they only exist where it
+/// is, module invariant), else in scalar code; both round the same
+/// products half to even, so they agree bit for bit
+/// (`tests::vector_and_scalar_quantization_agree`).
+fn quantize_block(block: &[f32; BLOCK]) -> ActBlock {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` means the CPU has AVX-512 F and BW.
+        return unsafe { quantize_block_avx512(block) };
+    }
+    quantize_block_scalar(block)
+}
+
+fn quantize_block_scalar(block: &[f32; BLOCK]) -> ActBlock {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = f16::from_f32(amax / 127.0).to_f32();
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; BLOCK];
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(block) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += i32::from(*q);
+    }
+    ActBlock {
+        quads: quads_of(&qs),
+        d,
+        offset: 128 * sum,
+    }
+}
+
+impl ActBlock {
+    /// The quants, one by one (the scalar reference's view).
+    #[cfg(test)]
+    fn qs(&self) -> [i8; BLOCK] {
+        std::array::from_fn(|i| self.quads[i / 4].to_le_bytes()[i % 4] as i8)
+    }
+}
+
+fn quads_of(qs: &[i8; BLOCK]) -> [i32; BLOCK / 4] {
+    std::array::from_fn(|g| {
+        i32::from_le_bytes([
+            qs[4 * g] as u8,
+            qs[4 * g + 1] as u8,
+            qs[4 * g + 2] as u8,
+            qs[4 * g + 3] as u8,
+        ])
+    })
+}
+
+/// # Safety
+/// The CPU has AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(block: &[f32; BLOCK]) -> ActBlock {
+    use std::arch::x86_64::*;
+    // SAFETY: `block` holds 32 floats.
+    let (a, b) = unsafe {
+        (
+            _mm512_loadu_ps(block.as_ptr()),
+            _mm512_loadu_ps(block.as_ptr().add(16)),
+        )
+    };
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let d = f16::from_f32(amax / 127.0).to_f32();
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let scale = _mm512_set1_ps(id);
+    // The default rounding (MXCSR) is to nearest, ties to even.
+    let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, scale));
+    let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, scale));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    let mut qs = [0i8; BLOCK];
+    // SAFETY: `qs` holds 32 bytes; each store writes 16. The quants lie in
+    // [-127, 127], so narrowing keeps them.
+    unsafe {
+        _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qb));
+    }
+    ActBlock {
+        quads: quads_of(&qs),
+        d,
+        offset: 128 * sum,
+    }
 }
 
 /// One row tile (`w`: its `blocks` tiles) against `rows` ≤ 4 activation
@@ -276,19 +339,8 @@ unsafe fn tile_kernel(
                 )
             };
             for r in 0..rows {
-                let q = &a[r * blocks + b].qs;
-                let x0 = i32::from_le_bytes([
-                    q[4 * g] as u8,
-                    q[4 * g + 1] as u8,
-                    q[4 * g + 2] as u8,
-                    q[4 * g + 3] as u8,
-                ]);
-                let x1 = i32::from_le_bytes([
-                    q[4 * g + 4] as u8,
-                    q[4 * g + 5] as u8,
-                    q[4 * g + 6] as u8,
-                    q[4 * g + 7] as u8,
-                ]);
+                let quads = &a[r * blocks + b].quads;
+                let (x0, x1) = (quads[g], quads[g + 1]);
                 even[r] = _mm512_dpbusd_epi32(even[r], w0, _mm512_set1_epi32(x0));
                 odd[r] = _mm512_dpbusd_epi32(odd[r], w1, _mm512_set1_epi32(x1));
             }
@@ -328,6 +380,46 @@ unsafe fn tile_kernel(
 mod tests {
     use super::*;
 
+    /// The vector quantization of activations is the scalar one, bit for
+    /// bit, on values with ties, zeros, large channels and both signs.
+    #[test]
+    fn vector_and_scalar_quantization_agree() {
+        if !available() {
+            crate::testing::skip("this CPU lacks AVX-512 VNNI: only the scalar path runs");
+            return;
+        }
+        let mut rng = crate::testing::Rng(11);
+        let mut cases: Vec<[f32; BLOCK]> = (0..200)
+            .map(|i| {
+                std::array::from_fn(|j| {
+                    let v = rng.next_f32();
+                    if j == i % BLOCK {
+                        v * 40.0
+                    } else {
+                        v
+                    }
+                })
+            })
+            .collect();
+        cases.push([0.0; BLOCK]);
+        // Halves after scaling: 127 / amax = 1 when amax = 127.
+        cases.push(std::array::from_fn(|j| {
+            if j == 0 {
+                127.0
+            } else {
+                j as f32 - 15.5
+            }
+        }));
+        for c in &cases {
+            let (v, s) = (quantize_block(c), quantize_block_scalar(c));
+            assert_eq!(
+                (v.qs(), v.quads, v.d.to_bits(), v.offset),
+                (s.qs(), s.quads, s.d.to_bits(), s.offset),
+                "{c:?}"
+            );
+        }
+    }
+
     /// Σ_b d_w d_x Σ q_w q_x in f64, from the Q8_0 bytes and the
     /// activation blocks: what the kernel must compute.
     fn reference(data: &[u8], n: usize, k: usize, acts: &[ActBlock], m: usize) -> Vec<f32> {
@@ -342,7 +434,7 @@ mod tests {
                     let act = &acts[i * blocks + b];
                     let dot: i32 = blk[2..]
                         .iter()
-                        .zip(act.qs)
+                        .zip(act.qs())
                         .map(|(&w, x)| i32::from(w as i8) * i32::from(x))
                         .sum();
                     s += f64::from(dw) * f64::from(act.d) * f64::from(dot);
@@ -422,12 +514,12 @@ mod tests {
         x[3] = -0.5;
         x[4] = -1.5;
         let a = quantize(&x, 32);
-        assert_eq!(&a[0].qs[..5], &[127, 2, 4, 0, -2]);
+        assert_eq!(&a[0].qs()[..5], &[127, 2, 4, 0, -2]);
         assert_eq!(a[0].d, 1.0);
         assert_eq!(a[0].offset, 128 * (127 + 2 + 4 - 2));
         // An all-zero block: scale 0, quants 0.
         let z = quantize(&[0f32; 32], 32);
-        assert_eq!((z[0].d, z[0].qs, z[0].offset), (0.0, [0i8; 32], 0));
+        assert_eq!((z[0].d, z[0].qs(), z[0].offset), (0.0, [0i8; 32], 0));
     }
 
     #[test]

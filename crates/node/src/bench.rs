@@ -18,6 +18,7 @@ use supervisor::restart::RestartConfig;
 use crate::node::{CreateInstance, Node};
 
 pub mod cluster;
+pub mod load;
 
 fn fast_instance(runners: u32) -> CreateInstance {
     let scripted = runner::scripted::ScriptedConfig {
@@ -247,7 +248,7 @@ pub(crate) struct Timed {
     pub decode_tok_s: f64,
 }
 
-fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> {
+pub(crate) fn parse_layout(layout: &str) -> anyhow::Result<(u32, runner::model::Sharding)> {
     use runner::model::Sharding;
     if layout == "single" {
         return Ok((1, Sharding::Pipeline));

@@ -210,6 +210,34 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
     },
+    /// Many streaming clients at once on one instance: aggregate tok/s,
+    /// TTFT and inter-token latency per client count, and streams' latency
+    /// while a long prompt is admitted.
+    Load {
+        /// A GGUF file or Hugging Face directory.
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: String,
+        /// Layouts with their compute threads per runner, comma-separated
+        /// `layout:threads` (layout: single, pipeline-N, tensor-N).
+        #[arg(
+            long,
+            default_value = "single:2,single:1,pipeline-2:1,tensor-3:1",
+            value_delimiter = ','
+        )]
+        layouts: Vec<String>,
+        #[arg(long, default_value = "q8_0", value_parser = parse_weights)]
+        weights: WeightFormat,
+        /// Client counts, comma-separated.
+        #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+        clients: Vec<usize>,
+        /// Tokens generated per client.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// Tokens (about) of the prompt admitted while 4 streams decode; 0
+        /// leaves that table out.
+        #[arg(long, default_value_t = 1000)]
+        long_prompt: usize,
+    },
     /// create → chat → delete cycles (a soak).
     Cycles {
         #[arg(long, default_value_t = 5000)]
@@ -413,6 +441,24 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 max_tokens,
             };
             on_embedded_node(async |node| crate::bench::model(node, &options).await).await
+        }
+        BenchWhat::Load {
+            model,
+            layouts,
+            weights,
+            clients,
+            max_tokens,
+            long_prompt,
+        } => {
+            let options = crate::bench::load::LoadBench {
+                path: model,
+                layouts,
+                weights,
+                clients,
+                max_tokens,
+                long_prompt,
+            };
+            on_embedded_node(async |node| crate::bench::load::run(node, &options).await).await
         }
         BenchWhat::Cluster {
             rounds,

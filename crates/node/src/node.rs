@@ -92,8 +92,11 @@ fn one() -> u32 {
 
 /// Compute threads per runner when the request names none. Tensor ranks
 /// compute at the same time, so they share the machine's cores; pipeline
-/// stages take turns (one token is in one stage at a time), so each may use
-/// them all.
+/// stages serving one stream take turns (its token is in one stage at a
+/// time), so each may use them all. Under load a pipeline keeps one batch
+/// in flight per stage and its stages compute at once: stages that share a
+/// machine then do better with `threads` = cores / stages (BENCHMARKS.md,
+/// "Many users at once").
 fn default_threads(runners: u32, sharding: Sharding) -> u32 {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)

@@ -11,8 +11,8 @@
 //! * A cancel takes effect within one step: the flag is read before every
 //!   launch, and a task in a batch in flight leaves when that batch lands.
 //! * At most `Engine::lanes()` batches are in flight, a task is in at most
-//!   one of them, and they land in launch order; the idle tasks are shared
-//!   evenly between the free lanes ([`launch_size`]).
+//!   one of them, and they land in launch order; the active tasks are
+//!   shared evenly between the lanes ([`launch_size`]).
 //! * A launch that fails fails every task of its batch with the cause; a
 //!   landing fails only the tasks whose results are errors.
 
@@ -113,13 +113,28 @@ struct Active<T> {
     index: u32,
 }
 
-/// How many of `idle` tasks the next launch takes when `free` lanes are
-/// free: an even share (rounded up), at most `max_batch`, at least one.
-pub(crate) fn launch_size(idle: usize, free: usize, max_batch: usize) -> usize {
+/// How many of `idle` tasks the next launch takes, with `lanes` lanes of
+/// which `flying` batches hold `in_flight` tasks: an even share of all the
+/// active tasks over the lanes (rounded up), so that batches stay the same
+/// size and a pipeline's stages the same load; all that are idle when no
+/// other batch is in flight; at most `max_batch`, at least one.
+pub(crate) fn launch_size(
+    idle: usize,
+    in_flight: usize,
+    flying: usize,
+    lanes: usize,
+    max_batch: usize,
+) -> usize {
     if idle == 0 {
         return 0;
     }
-    idle.div_ceil(free.max(1)).clamp(1, max_batch.max(1))
+    let lanes = lanes.max(1);
+    let share = if flying == 0 {
+        idle.div_ceil(lanes)
+    } else {
+        (idle + in_flight).div_ceil(lanes)
+    };
+    share.clamp(1, max_batch.max(1)).min(idle)
 }
 
 /// The engine thread: takes commands, and steps the active tasks in
@@ -233,7 +248,14 @@ fn engine_thread<E: Engine>(
         idle = kept;
         let lanes = engine.lanes().max(1);
         if !idle.is_empty() && flights.len() < lanes {
-            let n = launch_size(idle.len(), lanes - flights.len(), engine.max_batch());
+            let in_flight = flights.iter().map(Vec::len).sum();
+            let n = launch_size(
+                idle.len(),
+                in_flight,
+                flights.len(),
+                lanes,
+                engine.max_batch(),
+            );
             let mut batch: Vec<Active<E::Task>> = idle.drain(..n).collect();
             let mut refs: Vec<&mut E::Task> = batch.iter_mut().map(|a| &mut a.task).collect();
             match engine.launch(&mut refs) {
@@ -364,27 +386,32 @@ mod tests {
 
     #[test]
     fn one_lane_takes_every_idle_task_up_to_the_batch_limit() {
-        assert_eq!(launch_size(5, 1, 16), 5);
-        assert_eq!(launch_size(20, 1, 16), 16);
-        assert_eq!(launch_size(3, 1, 1), 1);
+        assert_eq!(launch_size(5, 0, 0, 1, 16), 5);
+        assert_eq!(launch_size(20, 0, 0, 1, 16), 16);
+        assert_eq!(launch_size(3, 0, 0, 1, 1), 1);
     }
 
     #[test]
-    fn free_lanes_share_the_idle_tasks_evenly() {
-        // Four tasks, two free lanes: two each.
-        assert_eq!(launch_size(4, 2, 16), 2);
-        assert_eq!(launch_size(2, 1, 16), 2);
+    fn lanes_share_the_active_tasks_evenly() {
+        // Four tasks, two lanes, none in flight: two each.
+        assert_eq!(launch_size(4, 0, 0, 2, 16), 2);
+        assert_eq!(launch_size(2, 2, 1, 2, 16), 2);
         // Three: two, then one.
-        assert_eq!(launch_size(3, 2, 16), 2);
-        assert_eq!(launch_size(1, 1, 16), 1);
+        assert_eq!(launch_size(3, 0, 0, 2, 16), 2);
+        assert_eq!(launch_size(1, 2, 1, 2, 16), 1);
         // One task and three lanes: it goes alone.
-        assert_eq!(launch_size(1, 3, 16), 1);
+        assert_eq!(launch_size(1, 0, 0, 3, 16), 1);
+        // Tasks that arrived while both lanes were in flight: a lane of one
+        // lands beside three idle, and takes two, not all three, so the
+        // lanes stay two and two.
+        assert_eq!(launch_size(3, 1, 1, 2, 16), 2);
+        assert_eq!(launch_size(2, 2, 1, 2, 16), 2);
     }
 
     #[test]
     fn nothing_idle_launches_nothing_and_zero_limits_still_launch_one() {
-        assert_eq!(launch_size(0, 2, 16), 0);
-        assert_eq!(launch_size(3, 0, 16), 3);
-        assert_eq!(launch_size(3, 1, 0), 1);
+        assert_eq!(launch_size(0, 4, 2, 2, 16), 0);
+        assert_eq!(launch_size(3, 0, 0, 0, 16), 3);
+        assert_eq!(launch_size(3, 0, 0, 1, 0), 1);
     }
 }

@@ -60,7 +60,7 @@ pub fn next_chunk(tokens: usize, took: Duration, ceiling: usize) -> usize {
 /// in decode steps: each running stream then waits at most about this
 /// many of its usual inter-token intervals for one token while a prompt is
 /// admitted.
-pub const MIXED_STEP_FACTOR: f64 = 2.0;
+pub const MIXED_STEP_FACTOR: f64 = 1.5;
 
 /// Prompt tokens a mixed step takes before anything is measured, and at
 /// least: one attention block still moves a long prompt on.
@@ -178,14 +178,14 @@ mod tests {
         // Decode steps of 10 ms; 64 prompt tokens alone cost 64 ms.
         b.observe(4, 0, ms(10));
         b.observe(0, 64, ms(64));
-        // (2 - 1) * 10 ms / 1 ms a token = 10, under the floor.
+        // (1.5 - 1) * 10 ms / 1 ms a token = 5, under the floor.
         assert_eq!(b.prefill_tokens(4), MIN_MIXED_TOKENS);
         let mut slow_decode = b.clone();
         for _ in 0..40 {
             slow_decode.observe(4, 0, ms(100));
         }
-        // 100 ms decode steps leave room for about 100 tokens: 96.
-        assert_eq!(slow_decode.prefill_tokens(4), 96);
+        // 100 ms decode steps leave room for about 50 tokens: 48.
+        assert_eq!(slow_decode.prefill_tokens(4), 48);
         // Never more than the step's room.
         for _ in 0..40 {
             slow_decode.observe(4, 0, Duration::from_secs(10));
@@ -199,12 +199,13 @@ mod tests {
         let mut b = StepBudget::new(512);
         b.observe(2, 0, ms(20));
         // A mixed step of 52 ms with 32 prompt tokens: 1 ms a token, so
-        // the 20 ms decode step leaves room for 20: one block.
+        // the 20 ms decode step leaves room for 10: one block.
         b.observe(2, 32, ms(52));
         assert_eq!(b.prefill_tokens(2), 16);
+        // 80 ms decode steps and 1 ms a token: room for 40, two blocks.
         let mut d = StepBudget::new(512);
-        d.observe(2, 0, ms(40));
-        d.observe(2, 32, ms(72));
+        d.observe(2, 0, ms(80));
+        d.observe(2, 32, ms(112));
         assert_eq!(d.prefill_tokens(2), 32);
         // A step faster than its decode part costs nothing, not less.
         let mut c = StepBudget::new(512);

@@ -30,6 +30,7 @@ use candle_core::{Device, Tensor};
 use super::cache::KvCache;
 use super::{AllReduce, Layer, Logits, Shard, StageInput};
 use crate::error::{EngineError, Result};
+use crate::pool::SharedOut;
 
 /// One sequence's part of a batched step: its next `len` rows of the input,
 /// at the positions that follow what its cache holds.
@@ -61,8 +62,6 @@ struct Segment {
     row: usize,
     len: usize,
     pos: usize,
-    cos: Tensor,
-    sin: Tensor,
     blocks: Vec<Block>,
 }
 
@@ -125,7 +124,6 @@ impl Shard {
         let mut row = 0;
         for s in seqs.iter() {
             let pos = s.cache.seq_len;
-            let (cos, sin) = self.rope_tables(pos, s.len)?;
             let mut blocks = Vec::new();
             for (start, len) in blocks_of(pos, s.len) {
                 let at = pos + start;
@@ -142,8 +140,6 @@ impl Shard {
                 row,
                 len: s.len,
                 pos,
-                cos,
-                sin,
                 blocks,
             });
             row += s.len;
@@ -151,7 +147,9 @@ impl Shard {
         for s in seqs.iter_mut() {
             s.cache.poisoned = true;
         }
-        let out = self.run_layers(x, &segments, seqs, all_reduce)?;
+        let positions: Vec<usize> = segments.iter().flat_map(|g| g.pos..g.pos + g.len).collect();
+        let rope = self.rope_tables(&positions)?;
+        let out = self.run_layers(x, &segments, &rope, seqs, all_reduce)?;
         for s in seqs.iter_mut() {
             s.cache.seq_len += s.len;
             s.cache.poisoned = false;
@@ -179,6 +177,7 @@ impl Shard {
         &self,
         mut x: Tensor,
         segments: &[Segment],
+        rope: &(Tensor, Tensor),
         seqs: &mut [SeqStep<'_>],
         all_reduce: &mut dyn AllReduce,
     ) -> Result<BatchOutput> {
@@ -186,7 +185,7 @@ impl Shard {
         let tp = self.spec.tp_degree > 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut attn = self.attention(l, layer, &h, segments, seqs)?;
+            let mut attn = self.attention(l, layer, &h, segments, rope, seqs)?;
             if tp {
                 attn = all_reduce.all_reduce_sum(&attn)?;
             }
@@ -249,6 +248,7 @@ impl Shard {
         layer: &Layer,
         h: &Tensor,
         segments: &[Segment],
+        rope: &(Tensor, Tensor),
         seqs: &mut [SeqStep<'_>],
     ) -> Result<Tensor> {
         let rows = h.dim(0)?;
@@ -274,41 +274,42 @@ impl Shard {
             q = per_head(q, n_heads, qn)?;
             k = per_head(k, n_kv, kn)?;
         }
-        let mut outs = Vec::with_capacity(segments.len());
-        for (g, s) in segments.iter().zip(seqs.iter_mut()) {
-            let seq = g.len;
-            // [seq, heads*hd] -> [heads, seq, hd], the layout rope and the
-            // per-head matmuls want.
-            let heads_first = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                t.narrow(0, g.row, seq)?
-                    .reshape((seq, heads, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let rope = |t: &Tensor| -> candle_core::Result<Tensor> {
-                candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, &g.cos, &g.sin)?.squeeze(0)
-            };
-            let qs = rope(&heads_first(&q, n_heads)?)?;
-            let ks = rope(&heads_first(&k, n_kv)?)?;
-            let vs = heads_first(&v, n_kv)?;
-            let (k_all, v_all) = s.cache.layers[l].append(&ks, &vs)?;
-            debug_assert_eq!(k_all.dim(1)?, g.pos + seq);
-            // Heads sharing a kv head are consecutive (head = kv * rep + r),
-            // so grouping q as [kv, rep*rows, hd] multiplies each kv head
-            // once instead of materialising repeated keys and values.
-            let rep = n_heads / n_kv;
-            // The scale goes on q ([rep*rows, hd]) rather than on the
-            // scores ([rep*rows, positions]): one pass over far fewer
-            // values.
-            let scale = 1.0 / (hd as f64).sqrt();
-            let mut parts = Vec::with_capacity(g.blocks.len());
+        // [rows, heads*hd] -> [heads, rows, hd], the layout rope and the
+        // per-head matmuls want; RoPE of every row at its own position.
+        let heads_first = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let rope_all = |t: Tensor| -> candle_core::Result<Tensor> {
+            candle_nn::rotary_emb::rope(&t.unsqueeze(0)?, &rope.0, &rope.1)?.squeeze(0)
+        };
+        let q = rope_all(heads_first(q, n_heads)?)?;
+        let k = rope_all(heads_first(k, n_kv)?)?;
+        let v = heads_first(v, n_kv)?;
+        // Heads sharing a kv head are consecutive (head = kv * rep + r), so
+        // grouping q as [kv, rep*rows, hd] multiplies each kv head once
+        // instead of materialising repeated keys and values.
+        let rep = n_heads / n_kv;
+        let width = n_heads * hd;
+        // The scale goes on q ([rep*rows, hd]) rather than on the scores
+        // ([rep*rows, positions]): one pass over far fewer values.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0f32; rows * width];
+        // One-position blocks (decoded tokens), for the decode kernel.
+        let mut singles: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, (g, s)) in segments.iter().zip(seqs.iter_mut()).enumerate() {
+            let (k_all, v_all) = s.cache.layers[l]
+                .append(&k.narrow(1, g.row, g.len)?, &v.narrow(1, g.row, g.len)?)?;
+            debug_assert_eq!(k_all.dim(1)?, g.pos + g.len);
             for b in &g.blocks {
                 let total = g.pos + b.start + b.len;
-                let qb = match g.blocks.len() {
-                    1 => qs.clone(),
-                    _ => qs.narrow(1, b.start, b.len)?.contiguous()?,
-                };
-                let qb = qb.reshape((n_kv, rep * b.len, hd))?;
+                if b.len == 1 {
+                    singles.push((i, g.row + b.start, total));
+                    continue;
+                }
+                let qb = q
+                    .narrow(1, g.row + b.start, b.len)?
+                    .contiguous()?
+                    .reshape((n_kv, rep * b.len, hd))?;
                 let kb = k_all.narrow(1, 0, total)?;
                 let vb = v_all.narrow(1, 0, total)?;
                 let mut scores = (qb * scale)?.matmul(&kb.t()?)?;
@@ -319,34 +320,72 @@ impl Shard {
                         .reshape((n_kv, rep * b.len, total))?;
                 }
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                parts.push(
-                    probs
-                        .matmul(&vb)?
-                        .reshape((n_heads, b.len, hd))?
-                        .transpose(0, 1)?
-                        .reshape((b.len, n_heads * hd))?,
-                );
+                let part = probs
+                    .matmul(&vb)?
+                    .reshape((n_heads, b.len, hd))?
+                    .transpose(0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let at = (g.row + b.start) * width;
+                out[at..at + part.len()].copy_from_slice(&part);
             }
-            outs.push(match parts.len() {
-                1 => parts.pop().expect("one block"),
-                _ => Tensor::cat(&parts, 0)?,
-            });
         }
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
+        if !singles.is_empty() {
+            let q = q.flatten_all()?;
+            let (q_store, q_layout) = q.storage_and_layout();
+            let q_all = cpu_f32(&q_store, q_layout)?;
+            // Read views of the caches' key and value buffers.
+            let guards: Vec<_> = seqs
+                .iter()
+                .map(|s| {
+                    let c = &s.cache.layers[l];
+                    match (&c.k, &c.v) {
+                        (Some(k), Some(v)) => {
+                            Ok((k.storage_and_layout(), v.storage_and_layout(), k.dim(1)?))
+                        }
+                        _ => candle_core::bail!("kv cache buffer missing after append"),
+                    }
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let mut items = Vec::with_capacity(singles.len());
+            for &(i, row, total) in &singles {
+                let ((ks, kl), (vs, vl), cap) = &guards[i];
+                let from = self
+                    .cfg
+                    .sliding_window
+                    .map_or(0, |w| total.saturating_sub(w));
+                items.push(DecodeRow {
+                    row,
+                    k: cpu_f32(ks, kl)?,
+                    v: cpu_f32(vs, vl)?,
+                    cap: *cap,
+                    from,
+                    to: total,
+                });
+            }
+            decode_attention(
+                q_all,
+                rows,
+                n_heads,
+                n_kv,
+                hd,
+                scale as f32,
+                &items,
+                &mut out,
+            );
+        }
+        let out = Tensor::from_vec(out, (rows, width), &self.device)?;
         Ok(layer.o_proj.forward(&out)?)
     }
 
-    /// cos and sin `[seq, head_dim/2]` for positions `pos..pos+seq`,
-    /// computed in f32 like transformers' LlamaRotaryEmbedding.
-    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin `[rows, head_dim/2]` for each row's position, computed
+    /// in f32 like transformers' LlamaRotaryEmbedding.
+    fn rope_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in pos..pos + seq {
+        let rows = positions.len();
+        let mut cos = Vec::with_capacity(rows * half);
+        let mut sin = Vec::with_capacity(rows * half);
+        for &p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
@@ -354,10 +393,119 @@ impl Shard {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (seq, half), &self.device)?,
-            Tensor::from_vec(sin, (seq, half), &self.device)?,
+            Tensor::from_vec(cos, (rows, half), &self.device)?,
+            Tensor::from_vec(sin, (rows, half), &self.device)?,
         ))
     }
+}
+
+/// A contiguous f32 CPU tensor's values.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("attention runs on the CPU");
+    };
+    let all = cpu.as_slice::<f32>()?;
+    if !layout.is_contiguous() {
+        candle_core::bail!("attention needs contiguous buffers");
+    }
+    let start = layout.start_offset();
+    Ok(&all[start..start + layout.shape().elem_count()])
+}
+
+/// One query row that attends alone (a decoded token): its row of the
+/// batch and its cache's keys and values `[kv_heads, cap, head_dim]`, of
+/// which it sees positions `from..to`.
+struct DecodeRow<'a> {
+    row: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    cap: usize,
+    from: usize,
+    to: usize,
+}
+
+/// Attention of one-position queries against their caches, in plain
+/// loops: every decoded token of a batch in one call, where the candle ops
+/// of the block path would cost more in per-op overhead than in compute
+/// (about thirty small ops per sequence and layer). `q` is `[heads, rows,
+/// hd]`; each row's output goes to `out[row * heads * hd..]`. Every
+/// one-position block takes this path, alone or batched, so the batch
+/// never changes its numbers.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention(
+    q: &[f32],
+    rows: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    scale: f32,
+    items: &[DecodeRow<'_>],
+    out: &mut [f32],
+) {
+    let rep = n_heads / n_kv;
+    let width = n_heads * hd;
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let work = |range: std::ops::Range<usize>| {
+        let mut scores = Vec::new();
+        let mut acc = vec![0f32; hd];
+        for job in range {
+            let (item, kv) = (&items[job / n_kv], job % n_kv);
+            let keys = &item.k[kv * item.cap * hd..];
+            let values = &item.v[kv * item.cap * hd..];
+            for r in 0..rep {
+                let h = kv * rep + r;
+                let qv = &q[(h * rows + item.row) * hd..][..hd];
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in item.from..item.to {
+                    let s = dot(qv, &keys[j * hd..][..hd]) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                acc.fill(0.0);
+                for (p, j) in scores.iter().zip(item.from..item.to) {
+                    for (a, &x) in acc.iter_mut().zip(&values[j * hd..][..hd]) {
+                        *a += p * x;
+                    }
+                }
+                let at = item.row * width + h * hd;
+                for (d, a) in acc.iter().enumerate() {
+                    // SAFETY: each (row, head) slot of `out` is written by
+                    // exactly one job, and `out` outlives the pool's
+                    // execution (it returns when every worker is done).
+                    unsafe { *out_ptr.at(at + d) = a / sum };
+                }
+            }
+        }
+    };
+    candle_core::utils::barrier_pool().execute_chunked(items.len() * n_kv, work);
+}
+
+/// A dot product in eight lanes, which the compiler keeps in one vector
+/// register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `[seq, pos+seq]`: 0 where query `i` (at position `pos+i`) may attend to

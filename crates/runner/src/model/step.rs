@@ -103,7 +103,10 @@ impl ModelEngine {
                 decoding += 1;
             }
         }
-        let mut room = self.budget.prefill_tokens(decoding);
+        // Sequences decoding in the steps still in flight wait behind this
+        // one too (a pipeline's other lanes).
+        let decoding_elsewhere: usize = self.in_flight.iter().map(|f| f.decoding).sum();
+        let mut room = self.budget.prefill_tokens(decoding + decoding_elsewhere);
         let mut prefill = 0;
         for task in batch.iter_mut().filter(|t| t.flight.is_none()) {
             let prefilling = task.pos < task.prompt_total as usize;

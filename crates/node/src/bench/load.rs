@@ -1,0 +1,278 @@
+//! `shardvisor bench load`: many streaming clients at once on one instance
+//! of an embedded node with real runner processes.
+//!
+//! For each layout (with its threads per runner) and each client count N:
+//! N clients submit at once, each a fixed prompt of its own and the same
+//! number of tokens; the table gives the aggregate rate (every client's
+//! tokens over the round's wall time, prefills included), the decode rate
+//! (each stream's tokens after its first over the time from its first to
+//! its last, summed over the streams), time to first token and inter-token
+//! latency (p50, p99 over every gap of every client). A second
+//! table: the p99 inter-token latency of running streams while a long
+//! prompt is admitted, against the same streams' before it (chunked
+//! prefill).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use engine::loader::WeightFormat;
+use ipc::ShutdownMode;
+use supervisor::instance::{InstanceHandle, TaskEvent, TaskSubmit};
+
+use super::{instance_request, parse_layout, stats, BENCH_PROMPT};
+use crate::node::{CreateInstance, Node};
+
+pub struct LoadBench {
+    pub path: String,
+    /// `layout:threads`, e.g. `pipeline-2:1`.
+    pub layouts: Vec<String>,
+    pub weights: WeightFormat,
+    pub clients: Vec<usize>,
+    pub max_tokens: u32,
+    /// Tokens of the long prompt of the prefill table (0: no table).
+    pub long_prompt: usize,
+}
+
+/// When one client's tokens came.
+struct Stream {
+    submitted: Instant,
+    prompt_tokens: u32,
+    tokens: Vec<Instant>,
+    completion_tokens: u32,
+}
+
+fn submit(prompt: String, max_tokens: u32, tag: String) -> TaskSubmit {
+    TaskSubmit {
+        input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
+            role: "user".into(),
+            content: prompt,
+        }]),
+        max_tokens: Some(max_tokens),
+        sampling: Default::default(),
+        stop: Vec::new(),
+        trace_id: tag,
+        report_prompt: None,
+    }
+}
+
+/// Streams one chat to its end, noting when each token came.
+async fn stream(
+    handle: InstanceHandle,
+    prompt: String,
+    max_tokens: u32,
+    tag: String,
+) -> anyhow::Result<Stream> {
+    let submitted = Instant::now();
+    let mut task = handle.submit(submit(prompt, max_tokens, tag)).await?;
+    let mut out = Stream {
+        submitted,
+        prompt_tokens: 0,
+        tokens: Vec::new(),
+        completion_tokens: 0,
+    };
+    while let Some(event) = task.next().await {
+        match event {
+            TaskEvent::Started { prompt_tokens } => out.prompt_tokens = prompt_tokens,
+            TaskEvent::Prompt { .. } => {}
+            TaskEvent::Token { .. } => out.tokens.push(Instant::now()),
+            TaskEvent::Done(ipc::proto::TaskOutcome::Completed {
+                completion_tokens, ..
+            }) => out.completion_tokens = completion_tokens,
+            TaskEvent::Done(other) => bail!("bench task ended {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Client `i`'s prompt: the same request with its own number, so no two
+/// clients send the same text.
+fn client_prompt(i: usize) -> String {
+    format!("{BENCH_PROMPT} Make it story number {}.", i + 1)
+}
+
+fn gaps(tokens: &[Instant]) -> Vec<f64> {
+    tokens
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+        .collect()
+}
+
+fn parse_entry(entry: &str) -> anyhow::Result<(String, u32, runner::model::Sharding, u32)> {
+    let (layout, threads) = entry
+        .split_once(':')
+        .with_context(|| format!("{entry:?}: use layout:threads, e.g. pipeline-2:1"))?;
+    let threads: u32 = threads
+        .parse()
+        .with_context(|| format!("{entry:?}: threads must be a number"))?;
+    let (runners, sharding) = parse_layout(layout)?;
+    Ok((layout.to_string(), runners, sharding, threads))
+}
+
+pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
+    let entries = options
+        .layouts
+        .iter()
+        .map(|e| parse_entry(e))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!(
+        "{} as {}, {} tokens per client; aggregate = every client's tokens / the round's wall time",
+        options.path,
+        options.weights.name(),
+        options.max_tokens
+    );
+    println!();
+    println!("| layout | threads/runner | clients | aggregate tok/s | vs 1 client | decode tok/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut prefill_rows = Vec::new();
+    for (layout, runners, sharding, threads) in &entries {
+        let request = CreateInstance {
+            sharding: Some(*sharding),
+            weights: Some(options.weights),
+            threads: Some(*threads),
+            max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(1) as u32),
+            ..instance_request(options.path.clone(), *runners)
+        };
+        let handle = node.create_instance(request)?;
+        if let Err(cause) = handle.wait_ready().await {
+            bail!("instance failed: {cause}");
+        }
+        // One short chat first, so that no round pays for a cold start.
+        stream(
+            handle.clone(),
+            client_prompt(0),
+            4,
+            "bench-load-warm".into(),
+        )
+        .await?;
+        let (mut one_client, mut one_decode) = (None, None);
+        for &n in &options.clients {
+            let started = Instant::now();
+            let clients: Vec<_> = (0..n)
+                .map(|i| {
+                    tokio::spawn(stream(
+                        handle.clone(),
+                        client_prompt(i),
+                        options.max_tokens,
+                        format!("bench-load-{n}-{i}"),
+                    ))
+                })
+                .collect();
+            let mut streams = Vec::new();
+            for c in clients {
+                streams.push(c.await.context("client task")??);
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let total: u32 = streams.iter().map(|s| s.completion_tokens).sum();
+            let aggregate = total as f64 / wall;
+            let ratio = aggregate / *one_client.get_or_insert(aggregate);
+            // Each stream's rate from its first token to its last, summed:
+            // the decode rate of the whole instance while they all run.
+            let decode: f64 = streams
+                .iter()
+                .filter(|s| s.tokens.len() > 1)
+                .map(|s| {
+                    let span = (*s.tokens.last().expect("tokens") - s.tokens[0]).as_secs_f64();
+                    (s.tokens.len() - 1) as f64 / span
+                })
+                .sum();
+            let decode_ratio = decode / *one_decode.get_or_insert(decode);
+            let ttft = stats(
+                streams
+                    .iter()
+                    .filter_map(|s| {
+                        s.tokens
+                            .first()
+                            .map(|t| (*t - s.submitted).as_secs_f64() * 1000.0)
+                    })
+                    .collect(),
+            );
+            let itl = stats(streams.iter().flat_map(|s| gaps(&s.tokens)).collect());
+            println!(
+                "| {layout} | {threads} | {n} | {aggregate:.1} | {ratio:.2}x | {decode:.1} | {decode_ratio:.2}x | {:.0} | {:.0} | {:.1} | {:.1} |",
+                ttft.median, ttft.p99, itl.median, itl.p99
+            );
+        }
+        if options.long_prompt > 0 {
+            prefill_rows.push((
+                layout.clone(),
+                *threads,
+                prefill_interference(&handle, options).await?,
+            ));
+        }
+        node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
+            .await?;
+    }
+    if !prefill_rows.is_empty() {
+        println!();
+        println!("4 streams decoding while a long prompt is admitted:");
+        println!();
+        println!("| layout | threads/runner | long prompt tokens | ITL p99 before ms | ITL p99 during its prefill ms | ratio | its TTFT s |");
+        println!("|---|---|---|---|---|---|---|");
+        for (layout, threads, (tokens, before, during, ttft)) in prefill_rows {
+            println!(
+                "| {layout} | {threads} | {tokens} | {before:.1} | {during:.1} | {:.2}x | {ttft:.1} |",
+                during / before
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The long prompt's tokens, the p99 inter-token latency of 4 streams
+/// before it arrives and while it is prefilled, and its time to first
+/// token.
+async fn prefill_interference(
+    handle: &InstanceHandle,
+    options: &LoadBench,
+) -> anyhow::Result<(u32, f64, f64, f64)> {
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(stream(
+                handle.clone(),
+                client_prompt(i),
+                options.max_tokens.max(32) * 4,
+                format!("bench-prefill-{i}"),
+            ))
+        })
+        .collect();
+    // Let them settle into decoding.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // About one token per word: "word 17" is two or three tokens.
+    let words = options.long_prompt / 2;
+    let long_text: String = (0..words).map(|i| format!("w{i} ")).collect();
+    let long_start = Instant::now();
+    let long = stream(handle.clone(), long_text, 1, "bench-prefill-long".into()).await?;
+    let long_first = *long
+        .tokens
+        .first()
+        .context("the long prompt gave no token")?;
+    let mut streams = Vec::new();
+    for c in clients {
+        streams.push(c.await.context("client task")??);
+    }
+    let (mut before, mut during) = (Vec::new(), Vec::new());
+    for s in &streams {
+        for w in s.tokens.windows(2) {
+            let gap = (w[1] - w[0]).as_secs_f64() * 1000.0;
+            if w[1] <= long_start {
+                before.push(gap);
+            } else if w[0] >= long_start && w[1] <= long_first {
+                during.push(gap);
+            }
+        }
+    }
+    if before.is_empty() || during.is_empty() {
+        bail!(
+            "the streams ended before the long prompt's prefill was over ({} gaps before, {} during): raise --max-tokens",
+            before.len(),
+            during.len()
+        );
+    }
+    Ok((
+        long.prompt_tokens,
+        stats(before).p99,
+        stats(during).p99,
+        (long_first - long_start).as_secs_f64(),
+    ))
+}

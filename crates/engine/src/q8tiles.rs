@@ -385,7 +385,9 @@ mod tests {
     #[test]
     fn vector_and_scalar_quantization_agree() {
         if !available() {
-            crate::testing::skip("this CPU lacks AVX-512 VNNI: only the scalar path runs");
+            // Hardware, not a package CI could install: like the other
+            // tile tests, a skip with its reason.
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI, so only the scalar path runs here");
             return;
         }
         let mut rng = crate::testing::Rng(11);

@@ -58,6 +58,21 @@ pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
     }
 }
 
+/// A greedy one-turn chat of `prompt`, `max_tokens` long, traced as `trace_id`.
+pub(crate) fn chat_submit(prompt: String, max_tokens: u32, trace_id: String) -> TaskSubmit {
+    TaskSubmit {
+        input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
+            role: "user".into(),
+            content: prompt,
+        }]),
+        max_tokens: Some(max_tokens),
+        sampling: Default::default(),
+        stop: Vec::new(),
+        trace_id,
+        report_prompt: None,
+    }
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -171,17 +186,7 @@ pub async fn cycles(node: &Arc<Node>, n: usize) -> anyhow::Result<()> {
             bail!("cycle {i}: instance failed: {cause}");
         }
         let mut task = handle
-            .submit(TaskSubmit {
-                input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
-                    role: "user".into(),
-                    content: "cycle".into(),
-                }]),
-                max_tokens: Some(3),
-                sampling: Default::default(),
-                stop: Vec::new(),
-                trace_id: format!("cycle-{i}"),
-                report_prompt: None,
-            })
+            .submit(chat_submit("cycle".into(), 3, format!("cycle-{i}")))
             .await?;
         while let Some(event) = task.next().await {
             if let TaskEvent::Done(outcome) = event {
@@ -275,17 +280,11 @@ pub(crate) async fn timed_chat(
 ) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let mut task = handle
-        .submit(TaskSubmit {
-            input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
-                role: "user".into(),
-                content: prompt.into(),
-            }]),
-            max_tokens: Some(max_tokens),
-            sampling: Default::default(),
-            stop: Vec::new(),
-            trace_id: format!("bench-{run}"),
-            report_prompt: None,
-        })
+        .submit(chat_submit(
+            prompt.into(),
+            max_tokens,
+            format!("bench-{run}"),
+        ))
         .await?;
     let mut first: Option<Instant> = None;
     let mut last = started;

@@ -65,7 +65,8 @@ struct Segment {
     blocks: Vec<Block>,
 }
 
-/// Rows `start..start+len` of a segment that attend together.
+/// Rows `start..start+len` of a segment that attend together; the causal
+/// (and sliding-window) mask of a block of more than one position.
 struct Block {
     start: usize,
     len: usize,
@@ -126,14 +127,11 @@ impl Shard {
             let pos = s.cache.seq_len;
             let mut blocks = Vec::new();
             for (start, len) in blocks_of(pos, s.len) {
-                let at = pos + start;
-                // One position attending to all before it needs no mask.
-                let windowed = self.cfg.sliding_window.is_some_and(|w| at + len > w);
-                let mask = if len > 1 || windowed {
-                    Some(causal_mask(len, at, self.cfg.sliding_window, &self.device)?)
-                } else {
-                    None
-                };
+                // A one-position block goes to the decode kernel, which
+                // applies the sliding window itself: it needs no mask.
+                let mask = (len > 1)
+                    .then(|| causal_mask(len, pos + start, self.cfg.sliding_window, &self.device))
+                    .transpose()?;
                 blocks.push(Block { start, len, mask });
             }
             segments.push(Segment {
@@ -212,17 +210,13 @@ impl Shard {
                 Logits::All => (g.row, g.len),
             })
             .collect();
-        let rows = if picked.len() == 1 && picked[0] == (0, x.dim(0)?) {
-            x
-        } else {
-            let mut parts = picked
-                .iter()
-                .map(|&(row, n)| x.narrow(0, row, n))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            match parts.len() {
-                1 => parts.pop().expect("one part"),
-                _ => Tensor::cat(&parts, 0)?,
-            }
+        let mut parts = picked
+            .iter()
+            .map(|&(row, n)| x.narrow(0, row, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let rows = match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 0)?,
         };
         let rows = candle_nn::ops::rms_norm(&rows, norm, eps)?;
         let logits = lm_head.forward(&rows)?;

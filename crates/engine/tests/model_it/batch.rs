@@ -240,7 +240,10 @@ fn smollm2_batched_decoding_equals_each_sequence_alone() {
 /// A prompt cut into steps at multiples of `ATTENTION_BLOCK` (as the
 /// runner's scheduler cuts prompts beside decoding sequences) gets the
 /// logits it gets in one step: bit for bit on Q8_0 and GGUF blocks, within
-/// the f32 bound on f32 weights. The tiny model and the real SmolLM2 file.
+/// the f32 bound on f32 weights. The tiny model and the real SmolLM2 file;
+/// only the real file tells blocked from unblocked attention (with one
+/// block per step, its Q8_0 greedy tokens change at a 16-token cut; the
+/// tiny model's head_dim of 16 agrees either way).
 #[test]
 fn prompts_cut_at_attention_blocks_equal_one_step_prefill() {
     let model = tiny_model(false);

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use engine::loader::WeightFormat;
 use ipc::ShutdownMode;
-use supervisor::instance::{InstanceHandle, TaskEvent, TaskSubmit};
+use supervisor::instance::{InstanceHandle, TaskEvent};
 
-use super::{instance_request, parse_layout, stats, BENCH_PROMPT};
+use super::{chat_submit, instance_request, parse_layout, stats, BENCH_PROMPT};
 use crate::node::{CreateInstance, Node};
 
 pub struct LoadBench {
@@ -42,20 +42,6 @@ struct Stream {
     completion_tokens: u32,
 }
 
-fn submit(prompt: String, max_tokens: u32, tag: String) -> TaskSubmit {
-    TaskSubmit {
-        input: ipc::proto::TaskInput::chat(vec![ipc::proto::ChatTurn {
-            role: "user".into(),
-            content: prompt,
-        }]),
-        max_tokens: Some(max_tokens),
-        sampling: Default::default(),
-        stop: Vec::new(),
-        trace_id: tag,
-        report_prompt: None,
-    }
-}
-
 /// Streams one chat to its end, noting when each token came.
 async fn stream(
     handle: InstanceHandle,
@@ -64,7 +50,7 @@ async fn stream(
     tag: String,
 ) -> anyhow::Result<Stream> {
     let submitted = Instant::now();
-    let mut task = handle.submit(submit(prompt, max_tokens, tag)).await?;
+    let mut task = handle.submit(chat_submit(prompt, max_tokens, tag)).await?;
     let mut out = Stream {
         submitted,
         prompt_tokens: 0,

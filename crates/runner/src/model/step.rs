@@ -204,10 +204,9 @@ impl ModelEngine {
                 _ => None,
             })
             .collect();
-        let input = StageInput::Tokens(tokens);
         let output = match self.topology.as_mut() {
             Some(Topology::Alone) | None => {
-                shard.forward_batch(input, &mut steps, &mut NoAllReduce)?
+                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut NoAllReduce)?
             }
             Some(Topology::Star { links }) => {
                 let seqs: Vec<TpSeq> = metas
@@ -218,15 +217,12 @@ impl ModelEngine {
                         len: m.len,
                     })
                     .collect();
-                let StageInput::Tokens(ids) = &input else {
-                    unreachable!("rank 0 takes tokens")
-                };
                 for link in links.iter() {
                     link.send(
                         &handle,
                         LinkMsg::TpStep {
                             seqs: seqs.clone(),
-                            tokens: ids.clone(),
+                            tokens: tokens.clone(),
                         },
                     )?;
                 }
@@ -234,9 +230,10 @@ impl ModelEngine {
                     handle: &handle,
                     links,
                 };
-                shard.forward_batch(input, &mut steps, &mut reduce)?
+                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)?
             }
             Some(Topology::Ring { next, .. }) => {
+                let input = StageInput::Tokens(tokens);
                 let hidden = match shard.forward_batch(input, &mut steps, &mut NoAllReduce)? {
                     BatchOutput::Hidden(h) => h,
                     BatchOutput::Logits(_) => {

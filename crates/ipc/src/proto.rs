@@ -197,6 +197,9 @@ pub enum FromRunner {
     TaskStarted {
         task_id: String,
         prompt_tokens: u32,
+        /// Of them, the positions taken from a kept prefix instead of
+        /// computed; `None` when the engine keeps no prefixes.
+        cached_tokens: Option<u32>,
     },
     /// A chunk of the prompt was processed (long prompts are prefilled in
     /// chunks, each reported, so that a long prompt is never taken for a
@@ -422,6 +425,7 @@ mod tests {
         msgs.push(FromRunner::TaskStarted {
             task_id: "t".into(),
             prompt_tokens: 7,
+            cached_tokens: Some(4),
         });
         msgs.push(FromRunner::TaskProgress {
             task_id: "t".into(),

@@ -78,9 +78,21 @@ impl ApiError {
     }
 }
 
+/// What a 429 tells the client to wait before it tries again, in seconds
+/// (`Retry-After`): about how long a running task takes to make room on
+/// this hardware; the official SDKs honour it when they retry.
+pub const RETRY_AFTER_S: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let mut response = (self.0, Json(self.1)).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(RETRY_AFTER_S),
+            );
+        }
+        response
     }
 }
 
@@ -118,10 +130,17 @@ impl From<NodeError> for ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorBody::new("unavailable_error", e.to_string()).with_code("model_not_ready"),
-        )
+        match e {
+            // OpenAI's shape for a request over a rate limit.
+            SubmitError::QueueFull { .. } => ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorBody::new("requests", e.to_string()).with_code("rate_limit_exceeded"),
+            ),
+            _ => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new("unavailable_error", e.to_string()).with_code("model_not_ready"),
+            ),
+        }
     }
 }
 

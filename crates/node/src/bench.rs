@@ -54,6 +54,8 @@ pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
         node_ids: None,
         prefill_chunk: None,
         max_batch: None,
+        max_waiting: None,
+        prefix_cache_mb: None,
         max_step_tokens: None,
     }
 }

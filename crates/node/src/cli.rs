@@ -552,6 +552,8 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         node_ids: None,
         prefill_chunk: None,
         max_batch: None,
+        max_waiting: None,
+        prefix_cache_mb: None,
         max_step_tokens: None,
     };
     let handle = node.create_instance(request)?;
@@ -743,11 +745,14 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
     }
     for instance in list {
         println!(
-            "\ninstance {}  model {}  state {}  tasks {}  restarts {}",
+            "\ninstance {}  model {}  state {}  tasks {} running, {} waiting (max {} + {})  restarts {}",
             instance["instance_id"].as_str().unwrap_or("?"),
             instance["model"].as_str().unwrap_or("?"),
             instance["state"]["state"].as_str().unwrap_or("?"),
-            instance["tasks_in_flight"],
+            instance["tasks_running"],
+            instance["tasks_waiting"],
+            instance["limits"]["max_running"],
+            instance["limits"]["max_waiting"],
             instance["restarts"],
         );
         if let Some(cause) = instance["failure"]["message"].as_str() {

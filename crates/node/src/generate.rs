@@ -58,6 +58,8 @@ struct Choice {
     index: u32,
     prompt: usize,
     prompt_tokens: u32,
+    /// Of them, taken from a kept prefix (`None`: no prefix reuse).
+    cached_tokens: Option<u32>,
     text: String,
     logprobs: Vec<TokenLogprob>,
     /// The echoed prompt's text, once known (text completions with `echo`).
@@ -68,6 +70,14 @@ struct Choice {
     offset: usize,
     finish: Option<String>,
     completion_tokens: u32,
+}
+
+impl Choice {
+    /// The task started: its prompt's size and how much of it was cached.
+    fn started(&mut self, prompt_tokens: u32, cached_tokens: Option<u32>) {
+        self.prompt_tokens = prompt_tokens;
+        self.cached_tokens = cached_tokens;
+    }
 }
 
 /// What ended a task before or while it ran, as the client sees it.
@@ -114,6 +124,7 @@ async fn start(
             index,
             prompt,
             prompt_tokens: 0,
+            cached_tokens: None,
             text: String::new(),
             logprobs: Vec::new(),
             offset: echo.as_ref().map_or(0, String::len),
@@ -129,8 +140,11 @@ async fn start(
     let mut early = Vec::with_capacity(firsts.len());
     for ((choice, _), first) in streams.iter_mut().zip(firsts) {
         match first {
-            Some(TaskEvent::Started { prompt_tokens }) => {
-                choice.prompt_tokens = prompt_tokens;
+            Some(TaskEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            }) => {
+                choice.started(prompt_tokens, cached_tokens);
                 early.push(None);
             }
             Some(TaskEvent::Done(outcome)) => {
@@ -247,14 +261,24 @@ impl Shape {
     /// Usage over every choice: each prompt counted once.
     fn usage(&self, choices: &[Choice]) -> Usage {
         let mut prompt = vec![0u32; self.prompts];
+        let mut cached: Vec<Option<u32>> = vec![None; self.prompts];
         let mut completion = 0;
         for c in choices {
             if let Some(p) = prompt.get_mut(c.prompt) {
                 *p = (*p).max(c.prompt_tokens);
             }
+            if let (Some(slot), Some(n)) = (cached.get_mut(c.prompt), c.cached_tokens) {
+                *slot = Some(slot.unwrap_or(0).max(n));
+            }
             completion += c.completion_tokens;
         }
-        Usage::new(prompt.iter().sum(), completion)
+        let mut usage = Usage::new(prompt.iter().sum(), completion);
+        if cached.iter().any(Option::is_some) {
+            usage.prompt_tokens_details = Some(crate::openai::PromptTokensDetails {
+                cached_tokens: cached.iter().flatten().sum(),
+            });
+        }
+        usage
     }
 
     fn body(&self, choices: Vec<Value>, usage: Usage) -> Value {
@@ -343,7 +367,10 @@ async fn collect_one(
     let kind = shape.kind;
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Started { prompt_tokens } => c.prompt_tokens = prompt_tokens,
+            TaskEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => c.started(prompt_tokens, cached_tokens),
             TaskEvent::Prompt { tokens, logprobs } => {
                 shape.on_report(&mut c, ReportedPrompt { tokens, logprobs })
             }
@@ -506,8 +533,11 @@ impl StreamState {
         let shape = &self.shape;
         let c = &mut self.choices[slot];
         match event {
-            TaskEvent::Started { prompt_tokens } => {
-                c.prompt_tokens = prompt_tokens;
+            TaskEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                c.started(prompt_tokens, cached_tokens);
                 (Vec::new(), true)
             }
             TaskEvent::Prompt { tokens, logprobs } => {

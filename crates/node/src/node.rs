@@ -25,6 +25,7 @@ use supervisor::process::Spawner;
 use supervisor::restart::RestartConfig;
 use supervisor::shutdown::ShutdownReport;
 use supervisor::statedir::{StateDir, SweepReport};
+use supervisor::tasks::Limits;
 
 use crate::mesh::{Mesh, MeshConfig, DATA_HOST_ENV};
 
@@ -77,9 +78,18 @@ pub struct CreateInstance {
     /// Prompt tokens per prefill step (model files; default 512).
     #[serde(default)]
     pub prefill_chunk: Option<u32>,
-    /// Tasks one batched step takes at most (model files; default 16).
+    /// Tasks running at once, stepped together in batches (default 16;
+    /// the scripted engine steps its running tasks in turn).
     #[serde(default)]
     pub max_batch: Option<u32>,
+    /// Tasks waiting at the node for a running one to leave (default 4 ×
+    /// `max_batch`); a request beyond both bounds gets a 429.
+    #[serde(default)]
+    pub max_waiting: Option<u32>,
+    /// Memory for kept prompt prefixes in MiB (model files; default 256,
+    /// 0: no prefix reuse).
+    #[serde(default)]
+    pub prefix_cache_mb: Option<u32>,
     /// Tokens one batched step takes at most, decoded and prompt tokens
     /// together (model files; default 512).
     #[serde(default)]
@@ -228,6 +238,7 @@ fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), 
         prefill_chunk: req.prefill_chunk,
         max_batch: req.max_batch,
         max_step_tokens: req.max_step_tokens,
+        prefix_cache_mb: req.prefix_cache_mb,
     };
     Ok((args, name, context))
 }
@@ -465,11 +476,11 @@ impl Node {
                 || req.layers.is_some()
                 || req.weights.is_some()
                 || req.prefill_chunk.is_some()
-                || req.max_batch.is_some()
                 || req.max_step_tokens.is_some()
+                || req.prefix_cache_mb.is_some()
             {
                 return Err(NodeError::BadRequest(
-                    "sharding, layers, weights, prefill_chunk, max_batch and max_step_tokens apply to model files, not to \"scripted\"".into(),
+                    "sharding, layers, weights, prefill_chunk, max_step_tokens and prefix_cache_mb apply to model files, not to \"scripted\"".into(),
                 ));
             }
             (
@@ -495,6 +506,15 @@ impl Node {
             let (args, name, context) = model_config(&req)?;
             (EngineConfig::Model(args), false, name, Some(context))
         };
+        if req.max_batch == Some(0) {
+            return Err(NodeError::BadRequest(
+                "max_batch must be at least 1 task".into(),
+            ));
+        }
+        let limits = Limits::new(
+            req.max_batch.unwrap_or(runner::model::DEFAULT_MAX_BATCH) as usize,
+            req.max_waiting.map(|w| w as usize),
+        );
         let engine_config = serde_json::to_string(&engine)
             .map_err(|e| NodeError::BadRequest(format!("engine config: {e}")))?;
         let instance_id = format!("i-{:08x}", fastrand::u32(..));
@@ -516,6 +536,7 @@ impl Node {
             program: self.program.clone(),
             runner_env,
             tasks_to_all_ranks,
+            limits,
         };
         tracing::info!(instance = %instance_id, runners = spec.runners, model = %spec.model, "creating instance");
         let handle = instance::start(self.ctx.clone(), spec);

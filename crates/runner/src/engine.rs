@@ -78,6 +78,11 @@ pub trait Engine: Send + 'static {
     fn start(&mut self, request: &TaskRequest) -> Result<(Self::Task, u32), StartError>;
     /// One step of `task`: a chunk of its prompt, or one token.
     fn step(&mut self, task: &mut Self::Task) -> Result<Step, EngineError>;
+    /// Prompt tokens a started task took from a kept prefix instead of
+    /// computing them; `None` when the engine keeps no prefixes.
+    fn cached_tokens(&self, _task: &Self::Task) -> Option<u32> {
+        None
+    }
     /// How many tasks one batched step takes at most (1: one task a step,
     /// round robin).
     fn max_batch(&self) -> usize {

@@ -6,8 +6,9 @@
 //!   invalid or failed; `end_task` is called exactly once for every task
 //!   that started.
 //! * Sequences join and leave batches at step boundaries: a task started
-//!   while others run joins the next launch; a task that finishes leaves
-//!   after its landing.
+//!   while others run joins the next launch (every command waiting is
+//!   taken before the next step, so tasks that arrive together start
+//!   together); a task that finishes leaves after its landing.
 //! * A cancel takes effect within one step: the flag is read before every
 //!   launch, and a task in a batch in flight leaves when that batch lands.
 //! * At most `Engine::lanes()` batches are in flight, a task is in at most
@@ -65,6 +66,7 @@ pub(crate) enum EngineEvent {
     Started {
         task_id: String,
         prompt_tokens: u32,
+        cached_tokens: Option<u32>,
     },
     /// A task's prompt, as it asked to have it reported.
     Prompt {
@@ -175,6 +177,7 @@ fn engine_thread<E: Engine>(
                 }
             }
         };
+        let had_cmd = cmd.is_some();
         let ok = match cmd {
             None => true,
             Some(EngineCmd::Connect(peers, deadline)) => send(EngineEvent::PhaseDone {
@@ -200,6 +203,7 @@ fn engine_thread<E: Engine>(
                     let started = EngineEvent::Started {
                         task_id: request.task_id.clone(),
                         prompt_tokens,
+                        cached_tokens: engine.cached_tokens(&task),
                     };
                     idle.push_back(Active {
                         task_id: request.task_id,
@@ -225,6 +229,10 @@ fn engine_thread<E: Engine>(
         };
         if !ok {
             return Ok(());
+        }
+        if had_cmd {
+            // Every task that arrived joins the next step, not one a step.
+            continue;
         }
         // Cancels land between steps.
         let mut kept = VecDeque::with_capacity(idle.len());

@@ -18,6 +18,7 @@ mod links;
 pub use links::DATA_HOST_ENV;
 pub mod model;
 pub mod prefill;
+pub mod prefix;
 mod process;
 pub mod scripted;
 

@@ -24,6 +24,8 @@ use tokio::runtime::Handle;
 
 use ipc::proto::Sampling;
 
+use crate::prefix::Reuse;
+
 /// Activations can be large (a long prompt's prefill): raise the frame cap.
 const LINK_MAX_FRAME: usize = 512 * 1024 * 1024;
 
@@ -66,6 +68,21 @@ pub enum LinkMsg {
     Failed {
         cause: String,
     },
+    /// Prefix reuse (`crate::prefix`): keep the first `len` positions of a
+    /// task's KV as an entry, and drop entries evicted. Sent by rank 0 after
+    /// the task's prompt landed, passed on down a pipeline.
+    Prefix {
+        keep: Option<Keep>,
+        forget: Vec<u64>,
+    },
+}
+
+/// A prompt prefix to keep for reuse.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Keep {
+    pub task_id: String,
+    pub entry: u64,
+    pub len: u32,
 }
 
 /// One sequence of a pipeline step: `len` rows at positions `pos..`.
@@ -78,6 +95,9 @@ pub struct SeqMeta {
     pub task_id: String,
     pub pos: u32,
     pub len: u32,
+    /// A sequence's first step that starts from a kept prefix: the entry
+    /// and how many of its positions (`pos` is then that many).
+    pub reuse: Option<Reuse>,
     pub sampling: Sampling,
     pub sample: bool,
     pub score: Option<ScoreTargets>,
@@ -89,6 +109,8 @@ pub struct TpSeq {
     pub task_id: String,
     pub pos: u32,
     pub len: u32,
+    /// As [`SeqMeta::reuse`].
+    pub reuse: Option<Reuse>,
 }
 
 /// The last stage's answer for one sequence of a step.

@@ -279,10 +279,12 @@ impl Runner {
             EngineEvent::Started {
                 task_id,
                 prompt_tokens,
+                cached_tokens,
             } => {
                 self.send(FromRunner::TaskStarted {
                     task_id,
                     prompt_tokens,
+                    cached_tokens,
                 })
                 .await
             }

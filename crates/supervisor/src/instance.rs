@@ -7,9 +7,15 @@
 //! * Startup is all-or-nothing: the instance is `Ready` only when every
 //!   runner is; any runner failing or missing a phase deadline fails the
 //!   whole instance and every started runner is stopped.
-//! * Tasks are admitted only in `Ready`. Every admitted task gets exactly one
+//! * Tasks are admitted only in `Ready`, within the instance's bounds
+//!   (running and waiting, [`crate::tasks`]); beyond them a task is refused
+//!   ([`SubmitError::QueueFull`]). Every admitted task gets exactly one
 //!   terminal [`TaskEvent::Done`], whatever happens to its runners: its
 //!   entry is removed from the table when, and only when, it is delivered.
+//! * A drain delete lets every admitted task finish, waiting ones included:
+//!   it hands the runners the waiting tasks and tells them to stop only
+//!   once each runner holds every task it was handed (a control frame
+//!   overtakes data); a cancel delete cancels waiting tasks at the node.
 //! * A runner stalls when it has tasks in flight and reports no progress on
 //!   any of them (started, a prefilled chunk, a prompt report, a token, a
 //!   task done) for `task_stall_ms`; a task waiting its turn behind others
@@ -21,7 +27,6 @@
 //! * Runner events come tagged with a generation; a restart starts a new
 //!   generation only after every runner of the old one was reaped.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +50,7 @@ use crate::shutdown::{
     Action, ShutdownCoordinator, ShutdownDeadlines, ShutdownPhase, ShutdownReport,
 };
 use crate::statedir::StateDir;
+use crate::tasks::{self, Done, Limits, TaskTable};
 
 /// Phase deadlines and heartbeat settings, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +117,8 @@ pub struct InstanceSpec {
     /// (the scripted engine) or only rank 0 does and the other ranks are
     /// driven over the data plane (the model).
     pub tasks_to_all_ranks: bool,
+    /// How many tasks run at once and wait at most.
+    pub limits: Limits,
     /// The node of each rank: `None` (or a missing entry) runs it on this
     /// node, `Some(id)` on that node through [`SupervisorContext::remote`].
     pub placement: Vec<Option<String>>,
@@ -158,6 +166,16 @@ impl InstanceState {
     }
 }
 
+/// How an instance's tasks found their prompts' prefixes kept: a hit took
+/// `cached_tokens` positions from a kept prefix, a miss computed its whole
+/// prompt (tasks of engines that keep no prefixes are neither).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PrefixCounts {
+    pub hits: u64,
+    pub misses: u64,
+    pub cached_tokens: u64,
+}
+
 /// Why an instance failed, for clients and `/state`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailureReport {
@@ -197,7 +215,15 @@ pub struct InstanceView {
     pub context_length: Option<u32>,
     pub state: InstanceState,
     pub runners: Vec<RunnerView>,
+    /// Every admitted task without an outcome yet: running and waiting.
     pub tasks_in_flight: usize,
+    /// Tasks on the runners.
+    pub tasks_running: usize,
+    /// Tasks waiting at the node for a running one to leave.
+    pub tasks_waiting: usize,
+    pub limits: Limits,
+    /// Prefix reuse of the instance's tasks so far.
+    pub prefix_cache: PrefixCounts,
     pub restarts: u32,
     pub failure: Option<FailureReport>,
     pub last_shutdown: Option<ShutdownReport>,
@@ -225,7 +251,12 @@ pub struct TaskSubmit {
 pub enum TaskEvent {
     /// The runner accepted the task (its prompt fits); always first unless
     /// the task ends without starting.
-    Started { prompt_tokens: u32 },
+    Started {
+        prompt_tokens: u32,
+        /// Of them, taken from a kept prefix (`None`: the engine keeps
+        /// none).
+        cached_tokens: Option<u32>,
+    },
     /// The prompt, when the task asked for it: every token's bytes and,
     /// scored, one entry per token after the first. Before any `Token`.
     Prompt {
@@ -251,6 +282,13 @@ pub enum SubmitError {
     Failed { instance: String, cause: String },
     #[error("instance {instance} is gone")]
     Gone { instance: String },
+    #[error("instance {instance} is busy: {running} tasks running and {waiting} waiting, its limits (max_batch {}, max_waiting {}); retry later", limits.max_running, limits.max_waiting)]
+    QueueFull {
+        instance: String,
+        running: usize,
+        waiting: usize,
+        limits: Limits,
+    },
 }
 
 /// The events of one task. Dropping it before `Done` cancels the task.
@@ -416,6 +454,10 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         state: InstanceState::Starting,
         runners: Vec::new(),
         tasks_in_flight: 0,
+        tasks_running: 0,
+        tasks_waiting: 0,
+        limits: spec.limits,
+        prefix_cache: PrefixCounts::default(),
         restarts: 0,
         failure: None,
         last_shutdown: None,
@@ -427,6 +469,10 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         view: view_rx,
     };
     let restart = RestartPolicy::new(spec.restart.clone());
+    let takes = (0..spec.runners as usize)
+        .map(|rank| rank == 0 || spec.tasks_to_all_ranks)
+        .collect();
+    let tasks = TaskTable::new(spec.limits, takes);
     let actor = Actor {
         ctx,
         spec,
@@ -435,8 +481,10 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         state: InstanceState::Starting,
         slots: Vec::new(),
         events: None,
-        tasks: HashMap::new(),
+        tasks,
         task_seq: 0,
+        pending_drain: None,
+        prefix_cache: PrefixCounts::default(),
         teardown: None,
         failure: None,
         restart,
@@ -486,15 +534,16 @@ impl Slot {
     }
 }
 
-struct TaskEntry {
-    tx: mpsc::Sender<TaskEvent>,
-    /// Ranks that reported this task done.
-    done: Vec<bool>,
-    outcome: Option<TaskOutcome>,
-    /// A failure caused by a broken data-plane link is held this long for
-    /// the primary failure (the peer's death), whose message names the
-    /// runner, phase and cause; it is delivered as is if none comes.
-    held_until: Option<Instant>,
+/// A drain delete waiting for the runners to hold every task they were
+/// handed before they are told to stop.
+struct PendingDrain {
+    drain: Option<Duration>,
+    replies: Vec<oneshot::Sender<ShutdownReport>>,
+    /// When it stops waiting and signals anyway (the signal deadline).
+    until: Instant,
+    /// Outcomes delivered meanwhile: drained, cancelled, failed (for the
+    /// shutdown report).
+    counts: [u32; 3],
 }
 
 struct Teardown {
@@ -513,8 +562,10 @@ struct Actor {
     slots: Vec<Slot>,
     /// Runner events of the current generation.
     events: Option<mpsc::Receiver<(u32, RunnerEvent)>>,
-    tasks: HashMap<String, TaskEntry>,
+    tasks: TaskTable<mpsc::Sender<TaskEvent>>,
     task_seq: u64,
+    pending_drain: Option<PendingDrain>,
+    prefix_cache: PrefixCounts,
     teardown: Option<Teardown>,
     failure: Option<FailureReport>,
     restart: RestartPolicy,
@@ -533,6 +584,13 @@ struct Actor {
     /// the teardown ends in `Failed`, without asking the restart policy.
     recurs: bool,
 }
+
+/// How a task cancelled by its client ends (the runner says the same).
+const CANCELLED_BY_CLIENT: &str = "cancelled by the client";
+
+/// How a waiting task ends in a cancel delete (the runner says the same of
+/// its running ones).
+const CANCELLED_BY_SHUTDOWN: &str = "instance shutting down (cancel mode)";
 
 /// How long a lost-link report waits for the peer's own exit.
 const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
@@ -555,6 +613,8 @@ impl Actor {
                 Some(cmd) = cmd_rx.recv() => self.on_cmd(cmd).await,
                 _ = sleep_until_opt(wake) => self.on_clock().await,
             }
+            self.pump().await;
+            self.check_pending_drain().await;
         }
         // Answer whatever is still queued so no caller waits forever.
         cmd_rx.close();
@@ -591,6 +651,10 @@ impl Actor {
             state: self.state.clone(),
             runners,
             tasks_in_flight: self.tasks.len(),
+            tasks_running: self.tasks.running(),
+            tasks_waiting: self.tasks.waiting(),
+            limits: self.tasks.limits(),
+            prefix_cache: self.prefix_cache,
             restarts: self.restart.restarts(),
             failure: self.failure.clone(),
             last_shutdown: self.last_shutdown.clone(),
@@ -604,9 +668,11 @@ impl Actor {
 
     /// Whether `rank` has a task in flight it has not finished.
     fn busy(&self, rank: usize) -> bool {
-        self.tasks
-            .values()
-            .any(|t| !t.done.get(rank).copied().unwrap_or(true))
+        self.tasks.busy(rank)
+    }
+
+    fn exited(&self) -> Vec<bool> {
+        self.slots.iter().map(Slot::exited).collect()
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -760,21 +826,18 @@ impl Actor {
         if let Some((_, _, _, t)) = self.pending_failure {
             consider(t);
         }
-        if let Some(t) = self.tasks.values().filter_map(|t| t.held_until).min() {
+        if let Some(t) = self.tasks.next_held() {
             consider(t);
+        }
+        if let Some(p) = &self.pending_drain {
+            consider(p.until);
         }
         wake
     }
 
     async fn on_clock(&mut self) {
         let now = Instant::now();
-        let released: Vec<(String, TaskOutcome)> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| t.held_until.is_some_and(|h| now >= h))
-            .filter_map(|(id, t)| t.outcome.clone().map(|o| (id.clone(), o)))
-            .collect();
-        for (task_id, outcome) in released {
+        for (task_id, outcome) in self.tasks.held_due(now) {
             self.finish_task(&task_id, outcome);
         }
         if self.pending_failure.as_ref().is_some_and(|p| now >= p.3) {
@@ -807,7 +870,7 @@ impl Actor {
             let stalled = (0..self.slots.len())
                 .find(|&r| self.busy(r) && now >= self.slots[r].progress_at + stall);
             if let Some(rank) = stalled {
-                let waiting = self.tasks.values().filter(|t| !t.done[rank]).count();
+                let waiting = self.tasks.owed_by(rank);
                 let cause = format!(
                     "made no progress on its {waiting} task(s) for {} ms",
                     self.spec.timeouts.task_stall_ms
@@ -843,14 +906,14 @@ impl Actor {
                 let _ = reply.send(self.admit(task).await);
             }
             Cmd::Cancel { task_id, reply } => {
-                let known = self.tasks.contains_key(&task_id);
+                let known = self.tasks.contains(&task_id);
                 if known {
                     self.cancel_task(&task_id).await;
                 }
                 let _ = reply.send(known);
             }
             Cmd::ClientGone { task_id } => {
-                if self.tasks.contains_key(&task_id) {
+                if self.tasks.contains(&task_id) {
                     tracing::debug!(instance = %self.spec.instance_id, task = %task_id, "client gone: cancelling");
                     self.cancel_task(&task_id).await;
                 }
@@ -901,26 +964,49 @@ impl Actor {
             stop: task.stop,
             report_prompt: task.report_prompt,
         };
-        tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, "task admitted");
-        // A runner that was idle starts its stall clock now.
+        if let Err((full, _)) = self.tasks.admit(request, tx) {
+            tracing::debug!(instance = %instance, trace = %task.trace_id, running = full.running, waiting = full.waiting, "task refused: queue full");
+            return Err(SubmitError::QueueFull {
+                instance,
+                running: full.running,
+                waiting: full.waiting,
+                limits: full.limits,
+            });
+        }
+        tracing::debug!(instance = %instance, task = %task_id, trace = %task.trace_id, waiting = self.tasks.waiting(), "task admitted");
+        Ok(TaskStream {
+            task_id,
+            events,
+            cmds: self.cmds.clone(),
+            finished: false,
+        })
+    }
+
+    /// Hands waiting tasks to the runners while they have room (only in
+    /// `Ready`; a drain hands them all at once).
+    async fn pump(&mut self) {
+        while self.state == InstanceState::Ready {
+            let Some(request) = self.tasks.next_to_run() else {
+                return;
+            };
+            self.dispatch(request).await;
+        }
+    }
+
+    /// Sends a task the table moved to running to every rank that takes
+    /// tasks.
+    async fn dispatch(&mut self, request: TaskRequest) {
+        let instance = &self.spec.instance_id;
+        let task_id = request.task_id.clone();
+        tracing::debug!(instance = %instance, task = %task_id, trace = %request.trace_id, "task dispatched");
+        // A runner that was idle starts its stall clock now (the table
+        // already counts this task as running on it).
         let now = Instant::now();
         for rank in 0..self.slots.len() {
-            if self.takes_tasks(rank) && !self.busy(rank) {
+            if self.takes_tasks(rank) && self.tasks.owed_by(rank) == 1 {
                 self.slots[rank].progress_at = now;
             }
         }
-        self.tasks.insert(
-            task_id.clone(),
-            TaskEntry {
-                tx,
-                // Ranks that do not see the task count as done with it.
-                done: (0..self.slots.len())
-                    .map(|r| !self.takes_tasks(r))
-                    .collect(),
-                outcome: None,
-                held_until: None,
-            },
-        );
         let mut stuck = None;
         for rank in 0..self.slots.len() {
             if !self.takes_tasks(rank) {
@@ -942,15 +1028,19 @@ impl Actor {
             // Fails this task too, through the task table.
             self.fail(rank, Phase::Running, cause).await;
         }
-        Ok(TaskStream {
-            task_id,
-            events,
-            cmds: self.cmds.clone(),
-            finished: false,
-        })
     }
 
     async fn cancel_task(&mut self, task_id: &str) {
+        if self.tasks.is_waiting(task_id) {
+            // It never reached a runner.
+            self.finish_task(
+                task_id,
+                TaskOutcome::Cancelled {
+                    reason: CANCELLED_BY_CLIENT.into(),
+                },
+            );
+            return;
+        }
         for slot in &self.slots {
             if let Some(handle) = &slot.handle {
                 handle
@@ -964,31 +1054,36 @@ impl Actor {
 
     /// Delivers a task's outcome and forgets the task.
     fn finish_task(&mut self, task_id: &str, outcome: TaskOutcome) {
-        let Some(entry) = self.tasks.remove(task_id) else {
+        let Some(tx) = self.tasks.finish(task_id) else {
             return;
+        };
+        let kind = match &outcome {
+            TaskOutcome::Completed { .. } => 0,
+            TaskOutcome::Cancelled { .. } => 1,
+            TaskOutcome::Failed { .. } | TaskOutcome::Invalid { .. } => 2,
         };
         if let Some(teardown) = &mut self.teardown {
             let report = teardown.coordinator.report_mut();
-            match &outcome {
-                TaskOutcome::Completed { .. } => report.tasks_drained += 1,
-                TaskOutcome::Cancelled { .. } => report.tasks_cancelled += 1,
-                TaskOutcome::Failed { .. } | TaskOutcome::Invalid { .. } => {
-                    report.tasks_failed += 1
-                }
-            }
+            *[
+                &mut report.tasks_drained,
+                &mut report.tasks_cancelled,
+                &mut report.tasks_failed,
+            ][kind] += 1;
+        } else if let Some(pending) = &mut self.pending_drain {
+            pending.counts[kind] += 1;
         }
         tracing::debug!(instance = %self.spec.instance_id, task = %task_id, ?outcome, "task finished");
         // The client may be gone; the outcome then has nobody to reach.
-        let _ = entry.tx.try_send(TaskEvent::Done(outcome));
+        let _ = tx.try_send(TaskEvent::Done(outcome));
     }
 
     /// Hands a task event to the task's stream; a stream that cannot take
     /// it (the client went away, or stopped reading) cancels the task.
     async fn deliver(&mut self, task_id: &str, event: TaskEvent) {
-        let Some(entry) = self.tasks.get_mut(task_id) else {
+        let Some(entry) = self.tasks.running_task(task_id) else {
             return;
         };
-        if entry.tx.try_send(event).is_err() {
+        if entry.sink.try_send(event).is_err() {
             self.cancel_task(task_id).await;
         }
     }
@@ -1006,6 +1101,9 @@ impl Actor {
             // Any word about any task is progress: the stall clock.
             self.slots[rank].progress_at = now;
         }
+        if let RunnerEvent::Message(FromRunner::TaskStarted { task_id, .. }) = &event {
+            self.tasks.on_started(task_id, rank);
+        }
         match event {
             RunnerEvent::Message(FromRunner::Hello { data_addr }) => {
                 self.slots[rank].data_addr = data_addr
@@ -1016,9 +1114,22 @@ impl Actor {
             RunnerEvent::Message(FromRunner::TaskStarted {
                 task_id,
                 prompt_tokens,
+                cached_tokens,
             }) if rank == 0 => {
-                self.deliver(&task_id, TaskEvent::Started { prompt_tokens })
-                    .await
+                if let Some(cached) = cached_tokens {
+                    let counts = &mut self.prefix_cache;
+                    if cached > 0 {
+                        counts.hits += 1;
+                        counts.cached_tokens += u64::from(cached);
+                    } else {
+                        counts.misses += 1;
+                    }
+                }
+                let started = TaskEvent::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                };
+                self.deliver(&task_id, started).await
             }
             RunnerEvent::Message(FromRunner::Prompt {
                 task_id,
@@ -1044,28 +1155,13 @@ impl Actor {
                     .await
             }
             RunnerEvent::Message(FromRunner::TaskDone { task_id, outcome }) => {
-                let Some(entry) = self.tasks.get_mut(&task_id) else {
-                    return;
-                };
-                if let Some(done) = entry.done.get_mut(rank) {
-                    *done = true;
-                }
-                let decisive = rank == 0 || !matches!(outcome, TaskOutcome::Completed { .. });
-                if decisive && !matches!(entry.outcome, Some(TaskOutcome::Failed { .. })) {
-                    entry.outcome = Some(outcome);
-                }
-                let all_done = entry
-                    .done
-                    .iter()
-                    .enumerate()
-                    .all(|(r, d)| *d || self.slots[r].exited());
-                let echo = matches!(&entry.outcome, Some(TaskOutcome::Failed { cause }) if cause.contains("data plane: "));
-                if echo && self.teardown.is_none() {
-                    entry.held_until = Some(now + LINK_LOSS_GRACE);
-                } else if all_done {
-                    let outcome = entry.outcome.clone().unwrap_or(TaskOutcome::Failed {
-                        cause: "no outcome from rank 0".into(),
-                    });
+                // An echo of a broken link waits for the peer's own exit,
+                // unless a teardown is already under way.
+                let hold = self.teardown.is_none().then_some(now + LINK_LOSS_GRACE);
+                let exited = self.exited();
+                if let Done::Finished(outcome) =
+                    self.tasks.on_done(&task_id, rank, outcome, &exited, hold)
+                {
                     self.finish_task(&task_id, outcome);
                 }
             }
@@ -1187,7 +1283,7 @@ impl Actor {
                     self.perform(actions).await;
                 }
             }
-            RunnerState::Failed { phase, cause, .. } if cause.contains("data plane: ") => {
+            RunnerState::Failed { phase, cause, .. } if tasks::is_link_cause(&cause) => {
                 // During a teardown the echo changes nothing; otherwise the
                 // first report is held for the peer's own exit.
                 let hold = self.teardown.is_none();
@@ -1244,24 +1340,10 @@ impl Actor {
         }
 
         // Tasks that were waiting only for this runner are now decided.
-        let waiting: Vec<String> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| {
-                t.done
-                    .iter()
-                    .enumerate()
-                    .all(|(r, d)| *d || self.slots[r].exited())
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for task_id in waiting {
-            let outcome = self.tasks[&task_id]
-                .outcome
-                .clone()
-                .unwrap_or(TaskOutcome::Failed {
-                    cause: format!("runner {} exited with {cause}", self.slots[rank].runner_id),
-                });
+        for (task_id, outcome) in self.tasks.decided(&self.exited()) {
+            let outcome = outcome.unwrap_or(TaskOutcome::Failed {
+                cause: format!("runner {} exited with {cause}", self.slots[rank].runner_id),
+            });
             self.finish_task(&task_id, outcome);
         }
         if let Some(teardown) = &mut self.teardown {
@@ -1336,8 +1418,7 @@ impl Actor {
         self.state = InstanceState::Failed {
             cause: message.clone(),
         };
-        let task_ids: Vec<String> = self.tasks.keys().cloned().collect();
-        for task_id in task_ids {
+        for task_id in self.tasks.ids() {
             self.finish_task(
                 &task_id,
                 TaskOutcome::Failed {
@@ -1352,6 +1433,11 @@ impl Actor {
             true,
         )
         .await;
+        if let Some(pending) = self.pending_drain.take() {
+            // A delete was under way: the failure's teardown ends it.
+            self.delete_requested = true;
+            self.add_counts(pending.replies, pending.counts);
+        }
         if !self.slots[rank].exited() {
             if let Some(teardown) = &mut self.teardown {
                 // The failed runner is stopped at once, without waiting
@@ -1379,6 +1465,15 @@ impl Actor {
             self.delete_requested |= teardown.after_failure;
             return;
         }
+        if let Some(pending) = &mut self.pending_drain {
+            pending.replies.push(reply);
+            if mode == ShutdownMode::Cancel {
+                // A cancel overrides the drain that was getting ready.
+                let pending = self.pending_drain.take().expect("checked above");
+                self.begin_cancel(pending.replies, pending.counts).await;
+            }
+            return;
+        }
         match self.state {
             InstanceState::Failed { .. }
             | InstanceState::Restarting { .. }
@@ -1391,6 +1486,25 @@ impl Actor {
                     .unwrap_or_else(|| self.empty_report(mode));
                 let _ = reply.send(report);
             }
+            _ if mode == ShutdownMode::Drain && !self.tasks.is_empty() => {
+                // Every admitted task finishes: the waiting ones go to the
+                // runners now, and the runners are told to stop once they
+                // hold them all (check_pending_drain).
+                self.state = InstanceState::ShuttingDown {
+                    phase: ShutdownPhase::Signaling,
+                };
+                self.pending_drain = Some(PendingDrain {
+                    drain,
+                    replies: vec![reply],
+                    until: Instant::now() + ms(self.spec.timeouts.signal_ms),
+                    counts: [0; 3],
+                });
+                for request in self.tasks.start_all() {
+                    self.dispatch(request).await;
+                }
+                self.check_pending_drain().await;
+            }
+            _ if mode == ShutdownMode::Cancel => self.begin_cancel(vec![reply], [0; 3]).await,
             _ => {
                 self.begin_teardown(mode, drain, "requested".into(), false)
                     .await;
@@ -1400,6 +1514,63 @@ impl Actor {
                 self.check_teardown_done().await;
             }
         }
+    }
+
+    /// A cancel delete: the runners cancel what they run, the node what
+    /// waits.
+    async fn begin_cancel(
+        &mut self,
+        replies: Vec<oneshot::Sender<ShutdownReport>>,
+        counts: [u32; 3],
+    ) {
+        self.begin_teardown(ShutdownMode::Cancel, None, "requested".into(), false)
+            .await;
+        self.add_counts(replies, counts);
+        for task_id in self.tasks.ids() {
+            if self.tasks.is_waiting(&task_id) {
+                self.finish_task(
+                    &task_id,
+                    TaskOutcome::Cancelled {
+                        reason: CANCELLED_BY_SHUTDOWN.into(),
+                    },
+                );
+            }
+        }
+        self.check_teardown_done().await;
+    }
+
+    /// Hands a pending drain's callers and counts to the teardown that
+    /// began.
+    fn add_counts(&mut self, replies: Vec<oneshot::Sender<ShutdownReport>>, counts: [u32; 3]) {
+        if let Some(teardown) = &mut self.teardown {
+            teardown.replies.extend(replies);
+            let report = teardown.coordinator.report_mut();
+            report.tasks_drained += counts[0];
+            report.tasks_cancelled += counts[1];
+            report.tasks_failed += counts[2];
+        }
+    }
+
+    /// A drain delete tells the runners to stop once each holds every task
+    /// it was handed, or at the signal deadline whatever they hold.
+    async fn check_pending_drain(&mut self) {
+        let Some(pending) = &self.pending_drain else {
+            return;
+        };
+        let all_held = self.tasks.all_held(&self.exited());
+        if !all_held && Instant::now() < pending.until {
+            return;
+        }
+        let pending = self.pending_drain.take().expect("checked above");
+        self.begin_teardown(
+            ShutdownMode::Drain,
+            pending.drain,
+            "requested".into(),
+            false,
+        )
+        .await;
+        self.add_counts(pending.replies, pending.counts);
+        self.check_teardown_done().await;
     }
 
     fn empty_report(&self, mode: ShutdownMode) -> ShutdownReport {
@@ -1507,8 +1678,7 @@ impl Actor {
             return;
         };
         // Any task still open has no runner left to finish it.
-        let task_ids: Vec<String> = self.tasks.keys().cloned().collect();
-        for task_id in task_ids {
+        for task_id in self.tasks.ids() {
             self.finish_task(
                 &task_id,
                 TaskOutcome::Failed {

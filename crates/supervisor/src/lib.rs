@@ -3,7 +3,8 @@
 //! N runners through startup, service and the three-phase shutdown
 //! ([`instance`], [`shutdown`]), restarting by policy ([`restart`]),
 //! cleaning up resources in dependency order ([`resources`]), and the
-//! node's state directory ([`statedir`]).
+//! node's state directory ([`statedir`]); the task table and admission
+//! bound ([`tasks`]).
 //!
 //! The supervisor knows nothing about models, HTTP or other nodes.
 
@@ -16,3 +17,4 @@ pub mod restart;
 pub mod runner_handle;
 pub mod shutdown;
 pub mod statedir;
+pub mod tasks;

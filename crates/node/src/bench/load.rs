@@ -59,7 +59,7 @@ async fn stream(
     };
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Started { prompt_tokens } => out.prompt_tokens = prompt_tokens,
+            TaskEvent::Started { prompt_tokens, .. } => out.prompt_tokens = prompt_tokens,
             TaskEvent::Prompt { .. } => {}
             TaskEvent::Token { .. } => out.tokens.push(Instant::now()),
             TaskEvent::Done(ipc::proto::TaskOutcome::Completed {

@@ -10,7 +10,7 @@ use crate::harness::{fast_timeouts, read_chat, runner_pids, state_name, watchdog
 
 const LONG: Duration = Duration::from_secs(30);
 
-const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 9] = [
     "panic",
     "exit",
     "abort",
@@ -23,7 +23,7 @@ const KINDS: [&str; 9] = [
 ];
 
 /// The words a failure report must contain for a fault kind.
-fn expected_cause(kind: &str, phase: &str) -> &'static str {
+pub fn expected_cause(kind: &str, phase: &str) -> &'static str {
     match kind {
         "panic" => "exitcode=101",
         "exit" => "exitcode=3",
@@ -38,7 +38,7 @@ fn expected_cause(kind: &str, phase: &str) -> &'static str {
     }
 }
 
-fn instance_body(phase: &str, kind: &str) -> Value {
+pub fn instance_body(phase: &str, kind: &str) -> Value {
     let mut fault = json!({"runner": 1, "phase": phase, "kind": kind});
     if kind == "slow_drain" {
         fault["delay_ms"] = json!(60_000);
@@ -52,7 +52,7 @@ fn instance_body(phase: &str, kind: &str) -> Value {
     })
 }
 
-async fn assert_no_runners_left(id: &str) {
+pub async fn assert_no_runners_left(id: &str) {
     watchdog(
         &format!("runners of {id} gone"),
         Duration::from_secs(10),
@@ -66,7 +66,7 @@ async fn assert_no_runners_left(id: &str) {
 }
 
 /// Checks a client-facing failure message.
-fn assert_names(message: &str, id: &str, phase: &str, kind: &str) {
+pub fn assert_names(message: &str, id: &str, phase: &str, kind: &str) {
     let runner = format!("{id}/1 (rank 1)");
     assert!(
         message.contains(&runner),

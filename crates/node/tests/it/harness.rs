@@ -597,3 +597,84 @@ pub async fn python_checks(name: &str, args: &[String], limit: Duration) -> Stri
     assert!(stdout.contains("checks passed"), "{stdout}");
     stdout
 }
+
+/// Deletes instance `id` in `mode` while `clients` stream from it, and
+/// checks what that leaves: one outcome each; all completed (drain) or all
+/// cancelled (cancel), as the shutdown report counts them; no errors or
+/// escalations, no runner left, quiet logs.
+pub async fn delete_and_assert_outcomes(
+    node: &TestNode,
+    id: &str,
+    mode: &str,
+    clients: Vec<tokio::task::JoinHandle<ChatResult>>,
+) {
+    let report = node.delete(id, &format!("?mode={mode}")).await;
+    let mut results = Vec::new();
+    for client in clients {
+        let result = watchdog("client end", Duration::from_secs(60), client).await;
+        results.push(result.expect("client task"));
+    }
+    let n = results.len();
+    for r in &results {
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.terminal_outcomes(), 1, "{r:?}");
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.done_markers, 1, "{r:?}");
+    }
+    let finishes: Vec<&str> = results
+        .iter()
+        .map(|r| r.finish_reasons[0].as_str())
+        .collect();
+    match mode {
+        "drain" => {
+            assert!(finishes.iter().all(|f| *f == "length"), "{finishes:?}");
+            assert!(results.iter().all(|r| !r.text.is_empty()), "{results:?}");
+            assert_eq!(report["tasks_drained"], n, "{report}");
+        }
+        _ => {
+            assert!(finishes.iter().all(|f| *f == "cancelled"), "{finishes:?}");
+            assert_eq!(report["tasks_cancelled"], n, "{report}");
+        }
+    }
+    assert_eq!(report["errors"], json!([]), "{report}");
+    assert_eq!(report["escalations"], json!([]), "{report}");
+    assert!(runner_pids(id).is_empty());
+    node.assert_quiet();
+}
+
+/// A streaming chat on its own task: its whole result.
+pub fn spawn_chat(node: &TestNode, id: &str, prompt: &str, max_tokens: u32) -> tokio::task::JoinHandle<ChatResult> {
+    let url = format!("{}/v1/chat/completions", node.base);
+    let body = json!({
+        "model": id,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": true,
+    })
+    .to_string();
+    tokio::spawn(async move {
+        let stream = node::client::stream("POST", &url, Some(body))
+            .await
+            .expect("chat request");
+        read_chat(stream).await
+    })
+}
+
+/// Waits until the instance runs `running` tasks and queues `waiting`.
+pub async fn wait_counts(node: &TestNode, id: &str, running: u64, waiting: u64) -> Value {
+    watchdog(
+        &format!("{running} running and {waiting} waiting"),
+        Duration::from_secs(60),
+        async {
+            loop {
+                let v = node.instance(id).await;
+                if v["tasks_running"] == running && v["tasks_waiting"] == waiting {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+    )
+    .await
+}
+

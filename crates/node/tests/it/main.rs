@@ -1,6 +1,7 @@
 //! Integration tests of the node with real processes: a `shardvisor serve`
 //! daemon, real runner processes, real sockets and real signals.
 
+mod admission;
 mod bad_input;
 mod batching;
 mod cluster;
@@ -11,6 +12,7 @@ mod model;
 mod node_crash;
 mod openai_sdk;
 mod partition;
+mod prefix;
 mod prompt_logprobs;
 mod runner_protocol;
 mod stress;

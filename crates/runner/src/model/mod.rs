@@ -58,6 +58,7 @@ use tokio::runtime::Handle;
 
 use crate::engine::{Engine, StartError, Step};
 use crate::links::{self, Link, LinkMsg, ScoreTargets};
+use crate::prefix::{PrefixIndex, PrefixStore, Reuse};
 
 mod stage;
 mod step;
@@ -100,7 +101,15 @@ pub struct ModelEngineArgs {
     /// together (default [`DEFAULT_PREFILL_CHUNK`]).
     #[serde(default)]
     pub max_step_tokens: Option<u32>,
+    /// Memory for kept prompt prefixes, all ranks together, in MiB
+    /// (default [`DEFAULT_PREFIX_CACHE_MB`]; 0: no prefix reuse).
+    #[serde(default)]
+    pub prefix_cache_mb: Option<u32>,
 }
+
+/// Memory kept prompt prefixes take at most when the instance names no
+/// bound: SmolLM2-135M keeps ~5,800 positions in it, a Llama-3-8B ~2,000.
+pub const DEFAULT_PREFIX_CACHE_MB: u32 = 256;
 
 /// Prompt tokens per prefill step at most when the instance names no
 /// chunk; steps shrink from it when they take longer than
@@ -151,6 +160,10 @@ pub struct ModelEngine {
     budget: crate::prefill::StepBudget,
     /// The steps launched and not yet landed, oldest first.
     in_flight: std::collections::VecDeque<step::InFlight>,
+    /// Rank 0's index of kept prompt prefixes (`None`: no prefix reuse).
+    prefix: Option<PrefixIndex>,
+    /// Rank 0's own KV of the kept prefixes.
+    store: PrefixStore,
 }
 
 pub struct ModelTask {
@@ -186,6 +199,14 @@ pub struct ModelTask {
     finish: Option<String>,
     /// Its part of the step in flight.
     flight: Option<step::Flight>,
+    /// The kept prefix it started from, until its first step names it to
+    /// the other ranks (the entry is pinned until then).
+    reuse: Option<Reuse>,
+    /// The prompt's whole blocks, to keep once the prompt is in (empty:
+    /// nothing to keep).
+    keep: Vec<u32>,
+    /// Prompt positions taken from a kept prefix (`None`: no prefix reuse).
+    cached: Option<u32>,
 }
 
 /// Splits a scored chunk's logits (`[rows, vocab]` when `score` asked for
@@ -257,6 +278,8 @@ impl ModelEngine {
             budget: crate::prefill::StepBudget::new(args_max_step_tokens as usize),
             in_flight: Default::default(),
             notify,
+            prefix: None,
+            store: PrefixStore::default(),
         })
     }
 
@@ -501,6 +524,13 @@ impl Engine for ModelEngine {
         self.shard = Some(Arc::new(shard));
         if self.rank == 0 {
             self.load_text_side(config.vocab_size)?;
+            // Positions the prefix budget holds: the whole model's keys and
+            // values of one position, f32.
+            let mb = self.args.prefix_cache_mb.unwrap_or(DEFAULT_PREFIX_CACHE_MB) as usize;
+            let per_position =
+                (config.n_layers * config.n_kv_heads * config.head_dim * 2 * 4).max(1);
+            let positions = (mb << 20) / per_position;
+            self.prefix = (positions > 0).then(|| PrefixIndex::new(positions));
         }
         Ok(())
     }
@@ -547,7 +577,7 @@ impl Engine for ModelEngine {
             .tokenizer
             .as_ref()
             .ok_or_else(|| compute("tasks go to rank 0"))?;
-        let shard = self.shard()?;
+        let shard = self.shard()?.clone();
         let vocab = shard.config().vocab_size;
         let ids = match &request.input {
             TaskInput::Chat {
@@ -636,7 +666,36 @@ impl Engine for ModelEngine {
             }
         };
         let prompt_tokens = ids.len() as u32;
-        tracing::debug!(task = %request.task_id, prompt_tokens, "prompt tokenized");
+        // A task that reports its prompt needs every position's logits: it
+        // neither reuses nor keeps a prefix.
+        let (cache, reuse, keep) = match self.prefix.as_mut() {
+            Some(index) if request.report_prompt.is_none() => {
+                let keep = ids[..crate::prefix::keepable(ids.len())].to_vec();
+                match index.lookup(&ids) {
+                    Some(reuse) => match self.store.start(reuse) {
+                        Ok(cache) => (cache, Some(reuse), keep),
+                        Err(e) => {
+                            index.unpin(reuse.0);
+                            tracing::warn!(task = %request.task_id, error = %e, "kept prefix unusable: computing the prompt");
+                            (shard.new_cache(), None, keep)
+                        }
+                    },
+                    None => (shard.new_cache(), None, keep),
+                }
+            }
+            _ => (shard.new_cache(), None, Vec::new()),
+        };
+        let cached = reuse.map(|r| r.1);
+        let from = cached.unwrap_or(0) as usize;
+        // Nothing new to keep when the whole of it was reused.
+        let keep = if keep.len() > from { keep } else { Vec::new() };
+        let cached = self
+            .prefix
+            .as_ref()
+            .filter(|_| request.report_prompt.is_none())
+            .map(|_| cached.unwrap_or(0));
+        tracing::debug!(task = %request.task_id, prompt_tokens, cached = from, "prompt tokenized");
+        let pending = ids[from..].to_vec();
         let task = ModelTask {
             task_id: request.task_id.clone(),
             // Kept only for the report (pending drains as prefill goes).
@@ -644,15 +703,15 @@ impl Engine for ModelEngine {
                 Some(_) => ids.clone(),
                 None => Vec::new(),
             },
-            pending: ids,
+            pending,
             prompt_total: prompt_tokens,
             report: request.report_prompt,
             scores: Vec::new(),
             ahead: None,
             held_logprobs: Vec::new(),
             chunk: self.chunk_ceiling(request.report_prompt.is_some()),
-            pos: 0,
-            cache: shard.new_cache(),
+            pos: from,
+            cache,
             sampler: sampler_for(&request.sampling),
             sampling: request.sampling.clone(),
             produced: 0,
@@ -662,6 +721,9 @@ impl Engine for ModelEngine {
             emitted: 0,
             finish: None,
             flight: None,
+            reuse,
+            keep,
+            cached,
         };
         Ok((task, prompt_tokens))
     }
@@ -696,7 +758,15 @@ impl Engine for ModelEngine {
         self.land_batch(batch)
     }
 
+    fn cached_tokens(&self, task: &ModelTask) -> Option<u32> {
+        task.cached
+    }
+
     fn end_task(&mut self, task: ModelTask) {
+        if let (Some((entry, _)), Some(index)) = (task.reuse, self.prefix.as_mut()) {
+            // It ended before its first step: the entry is free to go.
+            index.unpin(entry);
+        }
         let handle = self.handle.clone();
         let finish = LinkMsg::Finish {
             task_id: task.task_id,

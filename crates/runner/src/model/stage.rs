@@ -4,7 +4,9 @@
 //!
 //! Invariants:
 //! * A stage keeps one KV cache per task it has seen, until that task's
-//!   `Finish`; a step's sequences use their own caches only.
+//!   `Finish`; a step's sequences use their own caches only, a new one
+//!   starting empty or from the kept prefix its first step names
+//!   (`crate::prefix`: each rank keeps and forgets what rank 0 says).
 //! * A step the stage cannot compute becomes one `Failed` for the whole
 //!   step, passed on to rank 0; the server keeps serving.
 //! * A stage ends its outgoing link only once its upstream ended (front to
@@ -21,7 +23,8 @@ use ipc::Blob;
 use tokio::runtime::Handle;
 
 use super::{compute, sampler_for, split_scores, EngineNotice, Topology};
-use crate::links::{Link, LinkEnd, LinkMsg, SeqDone, SeqMeta, SeqResult};
+use crate::links::{Keep, Link, LinkEnd, LinkMsg, SeqDone, SeqMeta, SeqResult};
+use crate::prefix::{PrefixStore, Reuse};
 
 /// Tensor parallelism's sum through rank 0.
 pub(super) enum StarAllReduce<'a> {
@@ -115,21 +118,51 @@ struct StageTask {
     sampler: Option<Sampler>,
 }
 
-/// Takes the tasks of `ids` out of `tasks` (new ones get an empty cache),
-/// in order, so a step can borrow all their caches at once.
+/// Takes the tasks of `ids` out of `tasks`, in order, so a step can borrow
+/// all their caches at once. A new one gets an empty cache, or a copy of
+/// the kept prefix its first step names; a prefix this rank does not hold
+/// is an error (every rank keeps what rank 0 keeps).
 fn take_tasks(
     shard: &Shard,
     tasks: &mut HashMap<String, StageTask>,
-    ids: impl Iterator<Item = String>,
-) -> Vec<(String, StageTask)> {
-    ids.map(|id| {
-        let task = tasks.remove(&id).unwrap_or_else(|| StageTask {
-            cache: shard.new_cache(),
-            sampler: None,
-        });
-        (id, task)
+    store: &PrefixStore,
+    ids: impl Iterator<Item = (String, Option<Reuse>)>,
+) -> Result<Vec<(String, StageTask)>, String> {
+    ids.map(|(id, reuse)| {
+        let task = match (tasks.remove(&id), reuse) {
+            (Some(task), _) => task,
+            (None, None) => StageTask {
+                cache: shard.new_cache(),
+                sampler: None,
+            },
+            (None, Some(reuse)) => StageTask {
+                cache: store.start(reuse)?,
+                sampler: None,
+            },
+        };
+        Ok((id, task))
     })
     .collect()
+}
+
+/// Applies rank 0's prefix message to this rank's store.
+fn apply_prefix(
+    store: &mut PrefixStore,
+    tasks: &HashMap<String, StageTask>,
+    keep: &Option<Keep>,
+    forget: &[u64],
+) {
+    store.forget(forget);
+    if let Some(keep) = keep {
+        let kept = match tasks.get(&keep.task_id) {
+            Some(task) => store.keep(keep.entry, keep.len, &task.cache),
+            None => Err(format!("task {} is not on this rank", keep.task_id)),
+        };
+        if let Err(e) = kept {
+            // A later task that names the entry fails with the cause.
+            tracing::warn!(entry = keep.entry, error = %e, "cannot keep a prompt prefix");
+        }
+    }
 }
 
 fn pipeline_stage(
@@ -141,6 +174,7 @@ fn pipeline_stage(
 ) -> Result<(), String> {
     let last = shard.spec().layers.end == shard.config().n_layers;
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
+    let mut store = PrefixStore::default();
     loop {
         let msg = match prev.recv(handle) {
             Ok(msg) => msg,
@@ -153,11 +187,28 @@ fn pipeline_stage(
         let forwarded = match msg {
             LinkMsg::Activations { seqs, data } => {
                 notify(EngineNotice::StageStep);
-                let mut taken =
-                    take_tasks(shard, &mut tasks, seqs.iter().map(|m| m.task_id.clone()));
-                let answer = pipeline_step(shard, last, &seqs, data, &mut taken);
-                tasks.extend(taken);
-                answer
+                let ids = seqs.iter().map(|m| (m.task_id.clone(), m.reuse));
+                match take_tasks(shard, &mut tasks, &store, ids) {
+                    Ok(mut taken) => {
+                        let answer = pipeline_step(shard, last, &seqs, data, &mut taken);
+                        tasks.extend(taken);
+                        answer
+                    }
+                    Err(cause) => LinkMsg::Failed {
+                        cause: format!(
+                            "the stage with layers {}..{}: {cause}",
+                            shard.spec().layers.start,
+                            shard.spec().layers.end
+                        ),
+                    },
+                }
+            }
+            LinkMsg::Prefix { keep, forget } => {
+                apply_prefix(&mut store, &tasks, &keep, &forget);
+                if last {
+                    continue;
+                }
+                LinkMsg::Prefix { keep, forget }
             }
             LinkMsg::Finish { task_id } => {
                 tasks.remove(&task_id);
@@ -256,12 +307,15 @@ fn tensor_stage(
     notify: &(dyn Fn(EngineNotice) + Send + Sync),
 ) -> Result<(), String> {
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
+    let mut store = PrefixStore::default();
     loop {
         match link.recv(handle) {
             Ok(LinkMsg::TpStep { seqs, tokens }) => {
                 notify(EngineNotice::StageStep);
-                let mut taken =
-                    take_tasks(shard, &mut tasks, seqs.iter().map(|s| s.task_id.clone()));
+                let ids = seqs.iter().map(|s| (s.task_id.clone(), s.reuse));
+                // Rank 0 would wait for this rank's partials: it cannot go
+                // on without the prefix.
+                let mut taken = take_tasks(shard, &mut tasks, &store, ids)?;
                 let mut steps: Vec<SeqStep<'_>> = taken
                     .iter_mut()
                     .zip(&seqs)
@@ -285,6 +339,9 @@ fn tensor_stage(
             }
             Ok(LinkMsg::Finish { task_id }) => {
                 tasks.remove(&task_id);
+            }
+            Ok(LinkMsg::Prefix { keep, forget }) => {
+                apply_prefix(&mut store, &tasks, &keep, &forget);
             }
             Ok(other) => return Err(format!("unexpected message on a tensor link: {other:?}")),
             Err(LinkEnd::Ended) => {

@@ -30,7 +30,7 @@ use ipc::Blob;
 use super::stage::StarAllReduce;
 use super::{compute, split_scores, ModelEngine, ModelTask, Topology};
 use crate::engine::Step;
-use crate::links::{LinkMsg, ScoreTargets, SeqDone, SeqMeta, TpSeq};
+use crate::links::{Keep, LinkMsg, ScoreTargets, SeqDone, SeqMeta, TpSeq};
 
 /// What a forward pass gave one task: the token sampled (when it was to
 /// sample) and the scores of its chunk.
@@ -162,10 +162,11 @@ impl ModelEngine {
     /// Rank 0's forward pass over the tasks planned `Forward`; alone or
     /// tensor parallel it also samples, in a pipeline it sends the step on.
     fn forward_batch(&mut self, batch: &mut [&mut ModelTask]) -> Result<(), EngineError> {
-        let shard = self.shard()?.clone();
-        let handle = self.handle.clone();
         let mut tokens = Vec::new();
         let mut metas = Vec::new();
+        // Kept prefixes that sequences start from in this step: pinned
+        // until the step went out to every rank.
+        let mut reused = Vec::new();
         for task in batch.iter_mut() {
             if let Some(Flight::Forward {
                 pos,
@@ -176,16 +177,38 @@ impl ModelEngine {
             }) = &task.flight
             {
                 tokens.extend(task.pending.drain(..*n));
+                let reuse = task.reuse.take();
+                reused.extend(reuse.map(|(entry, _)| entry));
                 metas.push(SeqMeta {
                     task_id: task.task_id.clone(),
                     pos: *pos as u32,
                     len: *n as u32,
+                    reuse,
                     sampling: task.sampling.clone(),
                     sample: *sample,
                     score: score.clone(),
                 });
             }
         }
+        let result = self.forward_planned(batch, tokens, metas);
+        if let Some(index) = self.prefix.as_mut() {
+            for entry in reused {
+                index.unpin(entry);
+            }
+        }
+        result
+    }
+
+    /// [`ModelEngine::forward_batch`] once the step's tokens and sequences
+    /// are known.
+    fn forward_planned(
+        &mut self,
+        batch: &mut [&mut ModelTask],
+        tokens: Vec<u32>,
+        metas: Vec<SeqMeta>,
+    ) -> Result<(), EngineError> {
+        let shard = self.shard()?.clone();
+        let handle = self.handle.clone();
         if metas.is_empty() {
             return Ok(());
         }
@@ -215,6 +238,7 @@ impl ModelEngine {
                         task_id: m.task_id.clone(),
                         pos: m.pos,
                         len: m.len,
+                        reuse: m.reuse,
                     })
                     .collect();
                 for link in links.iter() {
@@ -306,10 +330,60 @@ impl ModelEngine {
                 }
             }
         }
-        batch
+        let results: Vec<Result<Step, EngineError>> = batch
             .iter_mut()
             .map(|task| self.finish_step(task))
-            .collect()
+            .collect();
+        for (task, result) in batch.iter_mut().zip(&results) {
+            if result.is_ok() && !task.keep.is_empty() && task.pos >= task.prompt_total as usize {
+                self.keep_prefix(task);
+            }
+        }
+        results
+    }
+
+    /// A task's prompt is in, on every rank: keep its whole blocks for the
+    /// prompts that start the same way (`crate::prefix`), here and, by
+    /// `LinkMsg::Prefix`, on every other rank.
+    fn keep_prefix(&mut self, task: &mut ModelTask) {
+        let tokens = std::mem::take(&mut task.keep);
+        let Some(index) = self.prefix.as_mut() else {
+            return;
+        };
+        let (entry, forget) = index.insert(&tokens);
+        self.store.forget(&forget);
+        let keep = entry.and_then(|entry| {
+            let len = tokens.len() as u32;
+            match self.store.keep(entry, len, &task.cache) {
+                Ok(()) => Some(Keep {
+                    task_id: task.task_id.clone(),
+                    entry,
+                    len,
+                }),
+                Err(e) => {
+                    index.remove(entry);
+                    tracing::warn!(task = %task.task_id, error = %e, "cannot keep a prompt prefix");
+                    None
+                }
+            }
+        });
+        if keep.is_none() && forget.is_empty() {
+            return;
+        }
+        tracing::debug!(task = %task.task_id, kept = ?keep.as_ref().map(|k| (k.entry, k.len)), ?forget, entries = index.len(), positions = index.used(), "prefix cache");
+        let msg = LinkMsg::Prefix { keep, forget };
+        let handle = self.handle.clone();
+        let sent = match self.topology.as_ref() {
+            Some(Topology::Ring { next, .. }) => next.send(&handle, msg),
+            Some(Topology::Star { links }) => links
+                .iter()
+                .try_for_each(|link| link.send(&handle, msg.clone())),
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
+            // The next step on the same link fails the same way, and says so.
+            tracing::debug!(error = %e, "prefix message not sent");
+        }
     }
 
     /// A pipeline's answer for the step in flight, into each task's

@@ -31,6 +31,10 @@ pub enum ToRunner {
     Task(TaskRequest),
 }
 
+/// How often at most a rank that reports no tokens says it is stepping
+/// ([`FromRunner::Stepping`]): well inside any stall bound.
+pub const STEPPING_EVERY_MS: u64 = 100;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRequest {
     pub task_id: String,
@@ -208,6 +212,12 @@ pub enum FromRunner {
         task_id: String,
         prompt_done: u32,
         prompt_total: u32,
+    },
+    /// A rank that takes part in tasks but reports no tokens (a scripted
+    /// rank > 0) steps them: progress for the node's stall clock, at most
+    /// every [`STEPPING_EVERY_MS`].
+    Stepping {
+        tasks: u32,
     },
     /// The task's prompt as [`TaskRequest::report_prompt`] asked, before
     /// its first token: every prompt token's bytes, and with
@@ -427,6 +437,7 @@ mod tests {
             prompt_tokens: 7,
             cached_tokens: Some(4),
         });
+        msgs.push(FromRunner::Stepping { tasks: 3 });
         msgs.push(FromRunner::TaskProgress {
             task_id: "t".into(),
             prompt_done: 512,

@@ -103,6 +103,8 @@ struct Runner {
     stalled: bool,
     slow_drain: Option<Duration>,
     shutdown: Option<ShutdownPlan>,
+    /// When the last `Stepping` went out.
+    stepping_said: Instant,
 }
 
 struct ShutdownPlan {
@@ -327,6 +329,14 @@ impl Runner {
                         logprobs,
                     })
                     .await;
+                } else if self.stepping_said.elapsed()
+                    >= Duration::from_millis(ipc::proto::STEPPING_EVERY_MS)
+                {
+                    // No token to show for the step: say it happened, or
+                    // the node takes a long task for a stall.
+                    self.stepping_said = Instant::now();
+                    let tasks = self.tasks.len() as u32;
+                    self.send(FromRunner::Stepping { tasks }).await;
                 }
             }
             EngineEvent::TaskDone { task_id, outcome } => {
@@ -520,6 +530,7 @@ async fn main_loop(args: RunnerArgs) -> i32 {
         fault: None,
         stalled: false,
         slow_drain: None,
+        stepping_said: Instant::now(),
         shutdown: None,
     };
     let notice_events = events_tx.clone();

@@ -18,7 +18,8 @@
 //!   overtakes data); a cancel delete cancels waiting tasks at the node.
 //! * A runner stalls when it has tasks in flight and reports no progress on
 //!   any of them (started, a prefilled chunk, a prompt report, a token, a
-//!   task done) for `task_stall_ms`; a task waiting its turn behind others
+//!   step without a token, a task done) for `task_stall_ms`; a task waiting
+//!   its turn behind others
 //!   is not a stall, and neither is a long prompt, whose every chunk is
 //!   progress.
 //! * A failure of any runner (exit, lost channel, hang, deadline, stall) is
@@ -1093,6 +1094,7 @@ impl Actor {
         if let RunnerEvent::Message(
             FromRunner::TaskStarted { .. }
             | FromRunner::TaskProgress { .. }
+            | FromRunner::Stepping { .. }
             | FromRunner::Prompt { .. }
             | FromRunner::Token { .. }
             | FromRunner::TaskDone { .. },
@@ -1143,6 +1145,7 @@ impl Actor {
             RunnerEvent::Message(
                 FromRunner::TaskStarted { .. }
                 | FromRunner::TaskProgress { .. }
+                | FromRunner::Stepping { .. }
                 | FromRunner::Prompt { .. },
             ) => {}
             RunnerEvent::Message(FromRunner::Token {

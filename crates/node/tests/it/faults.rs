@@ -95,7 +95,7 @@ async fn run_case(node: &TestNode, phase: &str, kind: &str) -> Duration {
 }
 
 /// The same fault as a model instance: 2-stage pipeline of `model`.
-fn model_body(model: &std::path::Path, phase: &str, kind: &str) -> Value {
+pub fn model_body(model: &std::path::Path, phase: &str, kind: &str) -> Value {
     let mut body = instance_body(phase, kind);
     let fault = body["scripted"]["fault"].take();
     json!({

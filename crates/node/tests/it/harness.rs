@@ -643,7 +643,12 @@ pub async fn delete_and_assert_outcomes(
 }
 
 /// A streaming chat on its own task: its whole result.
-pub fn spawn_chat(node: &TestNode, id: &str, prompt: &str, max_tokens: u32) -> tokio::task::JoinHandle<ChatResult> {
+pub fn spawn_chat(
+    node: &TestNode,
+    id: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> tokio::task::JoinHandle<ChatResult> {
     let url = format!("{}/v1/chat/completions", node.base);
     let body = json!({
         "model": id,
@@ -677,4 +682,3 @@ pub async fn wait_counts(node: &TestNode, id: &str, running: u64, waiting: u64) 
     )
     .await
 }
-

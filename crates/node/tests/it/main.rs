@@ -6,6 +6,7 @@ mod bad_input;
 mod batching;
 mod cluster;
 mod faults;
+mod faults_loaded;
 mod harness;
 mod lifecycle;
 mod model;

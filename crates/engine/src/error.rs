@@ -1,7 +1,7 @@
 //! The engine's error: what went wrong, naming the file and tensor where
 //! there is one.
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// A model file is missing, unreadable, corrupt, truncated or does not
     /// match what the config says.
@@ -30,14 +30,17 @@ pub enum EngineError {
     /// A compute failure (shape mismatch at run time, candle error).
     #[error("compute: {0}")]
     Compute(String),
+    /// A data-plane link to a peer runner broke or misbehaved: usually the
+    /// echo of the peer's own failure.
+    #[error("data plane: {0}")]
+    Link(String),
 }
 
 impl EngineError {
     /// Whether the same attempt fails the same way again: everything about
     /// the model's files and their fit (missing, corrupt, unsupported, a
     /// shard that does not fit, a tokenizer or template that cannot be
-    /// read). A compute failure (which includes every data-plane link
-    /// error) may not recur.
+    /// read). A compute failure or a data-plane link error may not recur.
     pub fn recurs(&self) -> bool {
         match self {
             EngineError::Model { .. }
@@ -46,8 +49,13 @@ impl EngineError {
             | EngineError::InvalidShard(_)
             | EngineError::Tokenizer(_)
             | EngineError::Template(_) => true,
-            EngineError::Compute(_) => false,
+            EngineError::Compute(_) | EngineError::Link(_) => false,
         }
+    }
+
+    /// Whether the cause is a broken data-plane link.
+    pub fn is_link(&self) -> bool {
+        matches!(self, EngineError::Link(_))
     }
 }
 

@@ -74,6 +74,10 @@ pub struct PeerLost {
     pub received: u64,
     /// What happened: EOF, a reset, or the malformed frame.
     pub detail: String,
+    /// The stream just ended (EOF) without `End`: the peer process went
+    /// away. False for a reset, a read error or a malformed frame, which
+    /// say more than that the peer is gone.
+    pub eof: bool,
 }
 
 /// A message that was not accepted, returned to the caller.
@@ -425,6 +429,7 @@ impl<T> Receiver<T> {
             None => Incoming::PeerLost(PeerLost {
                 received: self.shared.counters.received.load(Ordering::Relaxed),
                 detail: "reader stopped without an outcome".into(),
+                eof: false,
             }),
         }
     }
@@ -522,6 +527,7 @@ async fn read_loop<T, R>(
     };
     let kind = counters.core().eof();
     if kind == EofKind::Lost {
+        let eof = outcome.is_ok();
         let detail = match outcome {
             Ok(()) => "eof without end".to_string(),
             Err(e) => e,
@@ -529,7 +535,11 @@ async fn read_loop<T, R>(
         let received = counters.received.load(Ordering::Relaxed);
         tracing::debug!(channel = %counters.name, received, %detail, "peer lost");
         *shared.terminal.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Terminal::Lost(PeerLost { received, detail }));
+            Some(Terminal::Lost(PeerLost {
+                received,
+                detail,
+                eof,
+            }));
     }
     drop(inbox);
     let _ = recv_done.send(true);

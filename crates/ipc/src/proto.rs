@@ -284,6 +284,9 @@ pub enum RunnerState {
         phase: Phase,
         cause: String,
         recurs: bool,
+        /// The cause is a broken data-plane link to a peer: usually the
+        /// echo of that peer's own failure, which names the real cause.
+        link: bool,
     },
 }
 
@@ -367,6 +370,8 @@ pub enum TaskOutcome {
     },
     Failed {
         cause: String,
+        /// As [`RunnerState::Failed::link`]: a broken data-plane link.
+        link: bool,
     },
     /// The request cannot be served as asked (the client's fault, not the
     /// runner's): nothing was generated.
@@ -374,6 +379,16 @@ pub enum TaskOutcome {
         code: InvalidTask,
         message: String,
     },
+}
+
+impl TaskOutcome {
+    /// A failure of the runner itself (not a broken link).
+    pub fn failed(cause: impl Into<String>) -> TaskOutcome {
+        TaskOutcome::Failed {
+            cause: cause.into(),
+            link: false,
+        }
+    }
 }
 
 /// Why a task was refused, typed so the API can answer with the right
@@ -407,6 +422,7 @@ mod tests {
                 phase: Phase::Loading,
                 cause: "x".into(),
                 recurs: true,
+                link: false,
             },
         ];
         let mut msgs: Vec<FromRunner> = states.into_iter().map(FromRunner::Status).collect();
@@ -450,7 +466,11 @@ mod tests {
                 finish_reason: "stop".into(),
             },
             TaskOutcome::Cancelled { reason: "r".into() },
-            TaskOutcome::Failed { cause: "c".into() },
+            TaskOutcome::failed("c"),
+            TaskOutcome::Failed {
+                cause: "l".into(),
+                link: true,
+            },
             TaskOutcome::Invalid {
                 code: InvalidTask::ContextLengthExceeded,
                 message: "m".into(),

@@ -91,7 +91,7 @@ fn outcome_error(outcome: TaskOutcome, kind: Kind) -> Option<ApiError> {
             };
             Some(ApiFailure::invalid(kind.prompt_param(), code, message).into())
         }
-        TaskOutcome::Failed { cause } => Some(ApiError::runner(cause)),
+        TaskOutcome::Failed { cause, .. } => Some(ApiError::runner(cause)),
         TaskOutcome::Completed { .. } | TaskOutcome::Cancelled { .. } => None,
     }
 }

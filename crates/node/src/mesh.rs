@@ -508,7 +508,7 @@ impl Mesh {
                     entry.rank,
                     RunnerEvent::Exited {
                         cause: ExitCause::NodeLost,
-                        channel: ChannelEnd::PeerLost(detail),
+                        channel: ChannelEnd::PeerLost { detail, eof: false },
                         stop: None,
                     },
                 ))

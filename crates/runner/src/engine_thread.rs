@@ -51,7 +51,7 @@ pub(crate) enum EngineCmd {
 
 pub(crate) enum EngineEvent {
     /// The engine failed for good outside any task (a stage server).
-    Fatal(String),
+    Fatal(EngineError),
     /// A stage server processed a step.
     StageStep,
     Progress {
@@ -96,12 +96,14 @@ pub(crate) enum EngineEvent {
 pub(crate) struct PhaseError {
     pub(crate) cause: String,
     pub(crate) recurs: bool,
+    pub(crate) link: bool,
 }
 
 impl From<EngineError> for PhaseError {
     fn from(e: EngineError) -> Self {
         PhaseError {
             recurs: e.recurs(),
+            link: e.is_link(),
             cause: e.to_string(),
         }
     }
@@ -220,9 +222,7 @@ fn engine_thread<E: Engine>(
                         StartError::Invalid(code, message) => {
                             TaskOutcome::Invalid { code, message }
                         }
-                        StartError::Engine(e) => TaskOutcome::Failed {
-                            cause: e.to_string(),
-                        },
+                        StartError::Engine(e) => failed(&e),
                     },
                 }),
             },
@@ -269,14 +269,11 @@ fn engine_thread<E: Engine>(
             match engine.launch(&mut refs) {
                 Ok(()) => flights.push_back(batch),
                 Err(e) => {
-                    let cause = e.to_string();
                     for a in batch {
                         engine.end_task(a.task);
                         let done = EngineEvent::TaskDone {
                             task_id: a.task_id,
-                            outcome: TaskOutcome::Failed {
-                                cause: cause.clone(),
-                            },
+                            outcome: failed(&e),
                         };
                         if !send(done) {
                             return Ok(());
@@ -303,6 +300,14 @@ fn engine_thread<E: Engine>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// A task failed by an engine error, typed as the error is.
+fn failed(e: &EngineError) -> TaskOutcome {
+    TaskOutcome::Failed {
+        cause: e.to_string(),
+        link: e.is_link(),
     }
 }
 
@@ -362,9 +367,7 @@ fn outcome<E: Engine>(
             engine.end_task(a.task);
             let ev = EngineEvent::TaskDone {
                 task_id: a.task_id,
-                outcome: TaskOutcome::Failed {
-                    cause: e.to_string(),
-                },
+                outcome: failed(&e),
             };
             (ev, None)
         }

@@ -147,9 +147,9 @@ pub struct ScoreTargets {
 pub enum LinkEnd {
     /// The peer announced the end (graceful).
     Ended,
-    /// The peer vanished; the text names the peer and what happened, and
-    /// starts with `data plane: ` like every link error, so the node can tell
-    /// an echo of a peer's death from a failure of the runner itself.
+    /// The peer vanished; the text names the peer and what happened. As an
+    /// error it is `EngineError::Link`, so the node can tell an echo of a
+    /// peer's death from a failure of the runner itself.
     Lost(String),
 }
 
@@ -161,12 +161,9 @@ pub struct Link {
 
 impl Link {
     pub fn send(&self, handle: &Handle, msg: LinkMsg) -> Result<(), EngineError> {
-        handle.block_on(self.tx.send(msg)).map_err(|e| {
-            EngineError::Compute(format!(
-                "data plane: link to rank {} lost: {e}",
-                self.peer_rank
-            ))
-        })
+        handle
+            .block_on(self.tx.send(msg))
+            .map_err(|e| EngineError::Link(format!("link to rank {} lost: {e}", self.peer_rank)))
     }
 
     /// The next message; control frames are skipped.
@@ -179,7 +176,7 @@ impl Link {
                     Incoming::End { .. } => return Err(LinkEnd::Ended),
                     Incoming::PeerLost(lost) => {
                         return Err(LinkEnd::Lost(format!(
-                            "data plane: link to rank {} lost: {lost}",
+                            "link to rank {} lost: {lost}",
                             self.peer_rank
                         )))
                     }
@@ -191,11 +188,8 @@ impl Link {
     /// Like [`Link::recv`], but an end of the link is an engine error.
     pub fn expect(&mut self, handle: &Handle) -> Result<LinkMsg, EngineError> {
         self.recv(handle).map_err(|end| match end {
-            LinkEnd::Ended => EngineError::Compute(format!(
-                "data plane: rank {} ended its link",
-                self.peer_rank
-            )),
-            LinkEnd::Lost(detail) => EngineError::Compute(detail),
+            LinkEnd::Ended => EngineError::Link(format!("rank {} ended its link", self.peer_rank)),
+            LinkEnd::Lost(detail) => EngineError::Link(detail),
         })
     }
 
@@ -242,8 +236,8 @@ async fn dial(rank: u32, peer: u32, addr: &str, deadline: Instant) -> Result<Lin
                 backoff = (backoff * 2).min(Duration::from_millis(200));
             }
             Err(e) => {
-                return Err(EngineError::Compute(format!(
-                    "data plane: cannot connect to rank {peer} at {addr} before the deadline: {e}"
+                return Err(EngineError::Link(format!(
+                    "cannot connect to rank {peer} at {addr} before the deadline: {e}"
                 )))
             }
         }
@@ -252,7 +246,7 @@ async fn dial(rank: u32, peer: u32, addr: &str, deadline: Instant) -> Result<Lin
     let (tx, rx) = ipc::channel::<LinkMsg, LinkMsg, _>(stream, link_config(rank, peer));
     tx.send(LinkMsg::Hello { rank })
         .await
-        .map_err(|e| EngineError::Compute(format!("data plane: link to rank {peer}: {e}")))?;
+        .map_err(|e| EngineError::Link(format!("link to rank {peer}: {e}")))?;
     Ok(Link {
         peer_rank: peer,
         tx,
@@ -264,20 +258,18 @@ async fn accept(rank: u32, listener: &TcpListener, deadline: Instant) -> Result<
     let left = deadline.saturating_duration_since(Instant::now());
     let (stream, from) = tokio::time::timeout(left, listener.accept())
         .await
-        .map_err(|_| {
-            EngineError::Compute("data plane: no peer connected before the deadline".into())
-        })?
-        .map_err(|e| EngineError::Compute(format!("data plane: accepting a link: {e}")))?;
+        .map_err(|_| EngineError::Link("no peer connected before the deadline".into()))?
+        .map_err(|e| EngineError::Link(format!("accepting a link: {e}")))?;
     let _ = stream.set_nodelay(true);
     let (tx, mut rx) = ipc::channel::<LinkMsg, LinkMsg, _>(stream, link_config(rank, u32::MAX));
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, rx.recv()).await {
         Ok(Incoming::Data(LinkMsg::Hello { rank: peer_rank })) => Ok(Link { peer_rank, tx, rx }),
-        Ok(other) => Err(EngineError::Compute(format!(
-            "data plane: link from {from} did not start with hello: {other:?}"
+        Ok(other) => Err(EngineError::Link(format!(
+            "link from {from} did not start with hello: {other:?}"
         ))),
-        Err(_) => Err(EngineError::Compute(format!(
-            "data plane: link from {from} sent no hello before the deadline"
+        Err(_) => Err(EngineError::Link(format!(
+            "link from {from} sent no hello before the deadline"
         ))),
     }
 }
@@ -287,9 +279,7 @@ fn peer_addr(peers: &[String], rank: u32) -> Result<&str, EngineError> {
         .get(rank as usize)
         .filter(|a| !a.is_empty())
         .map(String::as_str)
-        .ok_or_else(|| {
-            EngineError::Compute(format!("data plane: no data-plane address for rank {rank}"))
-        })
+        .ok_or_else(|| EngineError::Link(format!("no data-plane address for rank {rank}")))
 }
 
 /// Pipeline ring: returns (prev, next). With one rank there is no link.
@@ -314,8 +304,8 @@ pub fn connect_ring(
         );
         let (next, prev) = (next?, prev?);
         if prev.peer_rank != prev_rank {
-            return Err(EngineError::Compute(format!(
-                "data plane: expected the link from rank {prev_rank}, rank {} connected",
+            return Err(EngineError::Link(format!(
+                "expected the link from rank {prev_rank}, rank {} connected",
                 prev.peer_rank
             )));
         }
@@ -348,8 +338,8 @@ pub fn connect_star(
         links.sort_by_key(|l| l.peer_rank);
         let ranks: Vec<u32> = links.iter().map(|l| l.peer_rank).collect();
         if ranks != (1..world).collect::<Vec<_>>() {
-            return Err(EngineError::Compute(format!(
-                "data plane: unexpected peers linked to rank 0: {ranks:?}"
+            return Err(EngineError::Link(format!(
+                "unexpected peers linked to rank 0: {ranks:?}"
             )));
         }
         Ok(links)

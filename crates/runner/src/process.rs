@@ -184,9 +184,10 @@ impl Runner {
                 ToRunner::Task(request) => {
                     self.send(FromRunner::TaskDone {
                         task_id: request.task_id,
-                        outcome: TaskOutcome::Failed {
-                            cause: format!("runner {}: {reason}", self.args.runner_id),
-                        },
+                        outcome: TaskOutcome::failed(format!(
+                            "runner {}: {reason}",
+                            self.args.runner_id
+                        )),
                     })
                     .await
                 }
@@ -239,13 +240,14 @@ impl Runner {
     async fn on_engine(&mut self, event: EngineEvent) {
         match event {
             EngineEvent::StageStep => self.maybe_fault(Phase::Running).await,
-            EngineEvent::Fatal(cause) => {
+            EngineEvent::Fatal(e) => {
                 let phase = self.state.phase();
-                tracing::error!(%phase, %cause, "engine failed");
+                tracing::error!(%phase, cause = %e, "engine failed");
                 let failed = RunnerState::Failed {
                     phase,
-                    cause,
+                    cause: e.to_string(),
                     recurs: false,
+                    link: e.is_link(),
                 };
                 self.set_state(failed).await;
             }
@@ -256,13 +258,19 @@ impl Runner {
             }
             EngineEvent::PhaseDone {
                 phase,
-                result: Err(PhaseError { cause, recurs }),
+                result:
+                    Err(PhaseError {
+                        cause,
+                        recurs,
+                        link,
+                    }),
             } => {
                 tracing::error!(%phase, %cause, recurs, "phase failed");
                 let failed = RunnerState::Failed {
                     phase,
                     cause,
                     recurs,
+                    link,
                 };
                 self.set_state(failed).await;
             }
@@ -570,6 +578,7 @@ async fn main_loop(args: RunnerArgs) -> i32 {
                 phase: Phase::Spawning,
                 cause,
                 recurs: false,
+                link: false,
             };
             runner.set_state(failed).await;
         }

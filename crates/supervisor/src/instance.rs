@@ -51,7 +51,7 @@ use crate::shutdown::{
     Action, ShutdownCoordinator, ShutdownDeadlines, ShutdownPhase, ShutdownReport,
 };
 use crate::statedir::StateDir;
-use crate::tasks::{self, Done, Limits, TaskTable};
+use crate::tasks::{Done, Limits, TaskTable};
 
 /// Phase deadlines and heartbeat settings, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -778,6 +778,7 @@ impl Actor {
                             phase: Phase::Spawning,
                             cause: cause.clone(),
                             recurs: false,
+                            link: false,
                         },
                         history: Vec::new(),
                         deadline: None,
@@ -1286,7 +1287,12 @@ impl Actor {
                     self.perform(actions).await;
                 }
             }
-            RunnerState::Failed { phase, cause, .. } if tasks::is_link_cause(&cause) => {
+            RunnerState::Failed {
+                phase,
+                cause,
+                link: true,
+                ..
+            } => {
                 // During a teardown the echo changes nothing; otherwise the
                 // first report is held for the peer's own exit.
                 let hold = self.teardown.is_none();
@@ -1299,6 +1305,7 @@ impl Actor {
                 phase,
                 cause,
                 recurs,
+                link: false,
             } => {
                 // Restarting cannot help a start that fails the same way.
                 self.recurs |= recurs;
@@ -1327,12 +1334,12 @@ impl Actor {
                 "hung (no pong for {} ms), killed: {cause}",
                 silent.as_millis()
             ),
-            (None, ChannelEnd::PeerLost(detail)) if cause == ExitCause::NodeLost => format!(
+            (None, ChannelEnd::PeerLost { detail, .. }) if cause == ExitCause::NodeLost => format!(
                 "node {} lost: {detail}",
                 slot.node.as_deref().unwrap_or("?")
             ),
             (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
-            (None, ChannelEnd::PeerLost(detail)) if !detail.ends_with("eof without end") => {
+            (None, ChannelEnd::PeerLost { detail, eof: false }) => {
                 format!("exited with {cause}; its channel broke: {detail}")
             }
             (None, _) => format!("exited with {cause}"),
@@ -1344,9 +1351,10 @@ impl Actor {
 
         // Tasks that were waiting only for this runner are now decided.
         for (task_id, outcome) in self.tasks.decided(&self.exited()) {
-            let outcome = outcome.unwrap_or(TaskOutcome::Failed {
-                cause: format!("runner {} exited with {cause}", self.slots[rank].runner_id),
-            });
+            let outcome = outcome.unwrap_or(TaskOutcome::failed(format!(
+                "runner {} exited with {cause}",
+                self.slots[rank].runner_id
+            )));
             self.finish_task(&task_id, outcome);
         }
         if let Some(teardown) = &mut self.teardown {
@@ -1422,12 +1430,7 @@ impl Actor {
             cause: message.clone(),
         };
         for task_id in self.tasks.ids() {
-            self.finish_task(
-                &task_id,
-                TaskOutcome::Failed {
-                    cause: message.clone(),
-                },
-            );
+            self.finish_task(&task_id, TaskOutcome::failed(message.clone()));
         }
         self.begin_teardown(
             ShutdownMode::Cancel,
@@ -1682,12 +1685,7 @@ impl Actor {
         };
         // Any task still open has no runner left to finish it.
         for task_id in self.tasks.ids() {
-            self.finish_task(
-                &task_id,
-                TaskOutcome::Failed {
-                    cause: "instance shut down".into(),
-                },
-            );
+            self.finish_task(&task_id, TaskOutcome::failed("instance shut down"));
         }
         let report = teardown.coordinator.report_mut().clone();
         if report.is_clean() || teardown.after_failure {

@@ -98,7 +98,7 @@ pub enum WireEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireChannelEnd {
     End,
-    PeerLost(String),
+    PeerLost { detail: String, eof: bool },
     Open,
 }
 
@@ -118,7 +118,9 @@ impl From<RunnerEvent> for WireEvent {
                 cause: cause.into(),
                 channel: match channel {
                     ChannelEnd::End => WireChannelEnd::End,
-                    ChannelEnd::PeerLost(d) => WireChannelEnd::PeerLost(d),
+                    ChannelEnd::PeerLost { detail, eof } => {
+                        WireChannelEnd::PeerLost { detail, eof }
+                    }
                     ChannelEnd::Open => WireChannelEnd::Open,
                 },
                 stop: stop.map(|s| WireStop {
@@ -148,7 +150,9 @@ impl From<WireEvent> for RunnerEvent {
                 cause: cause.into(),
                 channel: match channel {
                     WireChannelEnd::End => ChannelEnd::End,
-                    WireChannelEnd::PeerLost(d) => ChannelEnd::PeerLost(d),
+                    WireChannelEnd::PeerLost { detail, eof } => {
+                        ChannelEnd::PeerLost { detail, eof }
+                    }
                     WireChannelEnd::Open => ChannelEnd::Open,
                 },
                 stop: stop.map(|s| StopOutcome {
@@ -386,7 +390,10 @@ mod tests {
             },
             RunnerEvent::Exited {
                 cause: ExitCause::Signal(9),
-                channel: ChannelEnd::PeerLost("eof".into()),
+                channel: ChannelEnd::PeerLost {
+                    detail: "eof".into(),
+                    eof: true,
+                },
                 stop: Some(StopOutcome {
                     exit: ExitCause::Signal(9),
                     sent_sigterm: true,

@@ -59,7 +59,12 @@ pub struct RunnerSpec {
 #[serde(rename_all = "snake_case")]
 pub enum ChannelEnd {
     End,
-    PeerLost(String),
+    /// `eof`: the stream just ended (the process went away); otherwise it
+    /// broke (a reset, a malformed frame), which `detail` describes.
+    PeerLost {
+        detail: String,
+        eof: bool,
+    },
     /// Still open when the watcher gave up waiting (the process was reaped).
     Open,
 }
@@ -369,7 +374,10 @@ impl Watcher {
                         self.emit(RunnerEvent::Ended { reason }).await;
                     }
                     Incoming::PeerLost(lost) => {
-                        channel = Some(ChannelEnd::PeerLost(lost.to_string()));
+                        channel = Some(ChannelEnd::PeerLost {
+                            detail: lost.to_string(),
+                            eof: lost.eof,
+                        });
                         pairing_deadline.get_or_insert(Instant::now() + EXIT_AFTER_LOSS);
                     }
                 },

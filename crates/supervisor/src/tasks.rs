@@ -250,9 +250,12 @@ impl<S> TaskTable<S> {
                 entry.held_until = Some(until);
                 Done::Hold
             }
-            _ if all_done => Done::Finished(entry.outcome.clone().unwrap_or(TaskOutcome::Failed {
-                cause: "no outcome from rank 0".into(),
-            })),
+            _ if all_done => Done::Finished(
+                entry
+                    .outcome
+                    .clone()
+                    .unwrap_or(TaskOutcome::failed("no outcome from rank 0")),
+            ),
             _ => Done::Pending,
         }
     }
@@ -309,9 +312,10 @@ impl<S> TaskTable<S> {
             .iter()
             .filter(|(_, t)| t.held_until.is_some_and(|at| at <= now))
             .map(|(id, t)| {
-                let outcome = t.outcome.clone().unwrap_or(TaskOutcome::Failed {
-                    cause: "no outcome from rank 0".into(),
-                });
+                let outcome = t
+                    .outcome
+                    .clone()
+                    .unwrap_or(TaskOutcome::failed("no outcome from rank 0"));
                 (id.clone(), outcome)
             })
             .collect()
@@ -334,19 +338,10 @@ impl<S> TaskTable<S> {
 }
 
 /// Whether a failure only echoes a broken data-plane link (a peer that
-/// died), rather than saying what broke. Runners prefix every link error
-/// with `data plane: ` (`runner::links`).
+/// died), rather than saying what broke.
 pub fn is_link_echo(outcome: &TaskOutcome) -> bool {
-    matches!(outcome, TaskOutcome::Failed { cause } if is_link_cause(cause))
+    matches!(outcome, TaskOutcome::Failed { link: true, .. })
 }
-
-/// Whether a runner's failure cause is a broken data-plane link.
-pub fn is_link_cause(cause: &str) -> bool {
-    cause.contains(LINK_PREFIX)
-}
-
-/// What every data-plane error of a runner starts with.
-pub const LINK_PREFIX: &str = "data plane: ";
 
 #[cfg(test)]
 mod tests {
@@ -497,9 +492,7 @@ mod tests {
         t.admit(req("a"), "s").unwrap();
         t.next_to_run();
         let alive = [false; 2];
-        let failed = TaskOutcome::Failed {
-            cause: "out of memory".into(),
-        };
+        let failed = TaskOutcome::failed("out of memory");
         assert_eq!(
             t.on_done("a", 1, failed.clone(), &alive, None),
             Done::Pending
@@ -512,7 +505,8 @@ mod tests {
         t.admit(req("b"), "s").unwrap();
         t.next_to_run();
         let echo = TaskOutcome::Failed {
-            cause: format!("{LINK_PREFIX}link to rank 1 lost"),
+            cause: "data plane: link to rank 1 lost".into(),
+            link: true,
         };
         let at = Instant::now() + Duration::from_millis(500);
         assert_eq!(

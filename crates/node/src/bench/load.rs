@@ -10,7 +10,9 @@
 //! latency (p50, p99 over every gap of every client). A second
 //! table: the p99 inter-token latency of running streams while a long
 //! prompt is admitted, against the same streams' before it (chunked
-//! prefill).
+//! prefill). A third: a conversation's first turn under a long system
+//! prompt, then its second, which starts from the first's kept prefix
+//! (prefix reuse): their times to first token.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use engine::loader::WeightFormat;
 use ipc::ShutdownMode;
-use supervisor::instance::{InstanceHandle, TaskEvent};
+use supervisor::instance::{InstanceHandle, TaskEvent, TaskSubmit};
 
 use super::{chat_submit, instance_request, parse_layout, stats, BENCH_PROMPT};
 use crate::node::{CreateInstance, Node};
@@ -38,6 +40,7 @@ pub struct LoadBench {
 struct Stream {
     submitted: Instant,
     prompt_tokens: u32,
+    cached_tokens: u32,
     tokens: Vec<Instant>,
     completion_tokens: u32,
 }
@@ -49,17 +52,28 @@ async fn stream(
     max_tokens: u32,
     tag: String,
 ) -> anyhow::Result<Stream> {
+    stream_task(handle, chat_submit(prompt, max_tokens, tag)).await
+}
+
+async fn stream_task(handle: InstanceHandle, submit: TaskSubmit) -> anyhow::Result<Stream> {
     let submitted = Instant::now();
-    let mut task = handle.submit(chat_submit(prompt, max_tokens, tag)).await?;
+    let mut task = handle.submit(submit).await?;
     let mut out = Stream {
         submitted,
         prompt_tokens: 0,
+        cached_tokens: 0,
         tokens: Vec::new(),
         completion_tokens: 0,
     };
     while let Some(event) = task.next().await {
         match event {
-            TaskEvent::Started { prompt_tokens, .. } => out.prompt_tokens = prompt_tokens,
+            TaskEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                out.prompt_tokens = prompt_tokens;
+                out.cached_tokens = cached_tokens.unwrap_or(0);
+            }
             TaskEvent::Prompt { .. } => {}
             TaskEvent::Token { .. } => out.tokens.push(Instant::now()),
             TaskEvent::Done(ipc::proto::TaskOutcome::Completed {
@@ -111,6 +125,7 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
     println!("| layout | threads/runner | clients | aggregate tok/s | vs 1 client | decode tok/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut prefill_rows = Vec::new();
+    let mut prefix_rows = Vec::new();
     for (layout, runners, sharding, threads) in &entries {
         let request = CreateInstance {
             sharding: Some(*sharding),
@@ -185,6 +200,11 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
                 *threads,
                 prefill_interference(&handle, options).await?,
             ));
+            prefix_rows.push((
+                layout.clone(),
+                *threads,
+                prefix_reuse(&handle, options).await?,
+            ));
         }
         node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
             .await?;
@@ -201,8 +221,57 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
                 during / before
             );
         }
+        println!();
+        println!("A conversation under a long system prompt: the second turn starts from the first turn's kept prefix:");
+        println!();
+        println!("| layout | threads/runner | prompt tokens | of them cached | TTFT first turn ms | TTFT second turn ms | ratio |");
+        println!("|---|---|---|---|---|---|---|");
+        for (layout, threads, (tokens, cached, cold, warm)) in prefix_rows {
+            println!(
+                "| {layout} | {threads} | {tokens} | {cached} | {cold:.0} | {warm:.0} | {:.1}x |",
+                cold / warm
+            );
+        }
     }
     Ok(())
+}
+
+/// A two-turn conversation under a system prompt of about
+/// `options.long_prompt` tokens: the second turn's prompt tokens and how
+/// many of them came from the kept prefix, and both turns' times to first
+/// token (ms).
+async fn prefix_reuse(
+    handle: &InstanceHandle,
+    options: &LoadBench,
+) -> anyhow::Result<(u32, u32, f64, f64)> {
+    let words = options.long_prompt / 2;
+    let system: String = (0..words).map(|i| format!("rule{i} ")).collect();
+    let turn = |role: &str, content: &str| ipc::proto::ChatTurn {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut turns = vec![
+        turn("system", &system),
+        turn("user", "What is the capital of France?"),
+    ];
+    let submit = |turns: &[ipc::proto::ChatTurn], tag: &str| TaskSubmit {
+        input: ipc::proto::TaskInput::chat(turns.to_vec()),
+        ..chat_submit(String::new(), 8, tag.into())
+    };
+    let first = stream_task(handle.clone(), submit(&turns, "bench-prefix-1")).await?;
+    turns.push(turn("assistant", "Paris."));
+    turns.push(turn("user", "And of Italy?"));
+    let second = stream_task(handle.clone(), submit(&turns, "bench-prefix-2")).await?;
+    let ttft = |s: &Stream| -> anyhow::Result<f64> {
+        let t = s.tokens.first().context("a turn gave no token")?;
+        Ok((*t - s.submitted).as_secs_f64() * 1000.0)
+    };
+    Ok((
+        second.prompt_tokens,
+        second.cached_tokens,
+        ttft(&first)?,
+        ttft(&second)?,
+    ))
 }
 
 /// The long prompt's tokens, the p99 inter-token latency of 4 streams

@@ -97,7 +97,7 @@ async fn out_of_state_messages_get_error_replies() {
     match next_message(&mut rx).await {
         FromRunner::TaskDone {
             task_id,
-            outcome: TaskOutcome::Failed { cause },
+            outcome: TaskOutcome::Failed { cause, .. },
         } => {
             assert_eq!(task_id, "early");
             assert!(

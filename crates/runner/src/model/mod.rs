@@ -132,7 +132,7 @@ pub enum EngineNotice {
     /// A stage processed a step (the `running` phase of a rank > 0).
     StageStep,
     /// The stage server failed for good.
-    Fatal(String),
+    Fatal(EngineError),
 }
 
 enum Topology {
@@ -153,7 +153,7 @@ pub struct ModelEngine {
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
     topology: Option<Topology>,
-    server: Option<std::thread::JoinHandle<Result<(), String>>>,
+    server: Option<std::thread::JoinHandle<Result<(), EngineError>>>,
     /// Tells the runner what the stage server does.
     notify: Arc<dyn Fn(EngineNotice) + Send + Sync>,
     /// How many prompt tokens a step takes beside decoding sequences.
@@ -561,8 +561,8 @@ impl Engine for ModelEngine {
                 .name("stage".into())
                 .spawn(move || {
                     let result = stage_server(&shard, &handle, topology, &*notify);
-                    if let Err(cause) = &result {
-                        notify(EngineNotice::Fatal(cause.clone()));
+                    if let Err(e) = &result {
+                        notify(EngineNotice::Fatal(e.clone()));
                     }
                     result
                 })
@@ -790,7 +790,7 @@ impl Engine for ModelEngine {
             // A stage: its server ends once its upstream ended (front to back).
             return match server.join() {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(compute(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(compute("the stage thread panicked")),
             };
         }

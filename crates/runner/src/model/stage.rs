@@ -47,7 +47,7 @@ impl AllReduce for StarAllReduce<'_> {
                     match link.expect(handle)? {
                         LinkMsg::Partial { data } => sum = (sum + tensor_from_bytes(&data.0)?)?,
                         other => {
-                            return Err(compute(format!(
+                            return Err(EngineError::Link(format!(
                                 "expected a partial sum from rank {}, got {other:?}",
                                 link.peer_rank
                             )))
@@ -74,7 +74,7 @@ impl AllReduce for StarAllReduce<'_> {
                 )?;
                 match link.expect(handle)? {
                     LinkMsg::Reduced { data } => Ok(tensor_from_bytes(&data.0)?),
-                    other => Err(compute(format!(
+                    other => Err(EngineError::Link(format!(
                         "expected the reduced sum from rank 0, got {other:?}"
                     ))),
                 }
@@ -89,7 +89,7 @@ pub(super) fn drain_until_end(handle: &Handle, link: &mut Link) -> Result<(), En
         match link.recv(handle) {
             Ok(_) => {}
             Err(LinkEnd::Ended) => return Ok(()),
-            Err(LinkEnd::Lost(detail)) => return Err(compute(detail)),
+            Err(LinkEnd::Lost(detail)) => return Err(EngineError::Link(detail)),
         }
     }
 }
@@ -100,7 +100,7 @@ pub(super) fn stage_server(
     handle: &Handle,
     topology: Topology,
     notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
+) -> Result<(), EngineError> {
     match topology {
         Topology::Ring { prev, next } => pipeline_stage(shard, handle, prev, next, notify),
         Topology::Star { mut links } => match links.pop() {
@@ -171,7 +171,7 @@ fn pipeline_stage(
     mut prev: Link,
     next: Link,
     notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
+) -> Result<(), EngineError> {
     let last = shard.spec().layers.end == shard.config().n_layers;
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
     let mut store = PrefixStore::default();
@@ -182,7 +182,7 @@ fn pipeline_stage(
                 next.close(handle);
                 return Ok(());
             }
-            Err(LinkEnd::Lost(detail)) => return Err(detail),
+            Err(LinkEnd::Lost(detail)) => return Err(EngineError::Link(detail)),
         };
         let forwarded = match msg {
             LinkMsg::Activations { seqs, data } => {
@@ -218,9 +218,13 @@ fn pipeline_stage(
                 LinkMsg::Finish { task_id }
             }
             failed @ LinkMsg::Failed { .. } => failed,
-            other => return Err(format!("unexpected message on a pipeline link: {other:?}")),
+            other => {
+                return Err(EngineError::Link(format!(
+                    "unexpected message on a pipeline link: {other:?}"
+                )))
+            }
         };
-        next.send(handle, forwarded).map_err(|e| e.to_string())?;
+        next.send(handle, forwarded)?;
     }
 }
 
@@ -305,7 +309,7 @@ fn tensor_stage(
     handle: &Handle,
     mut link: Link,
     notify: &(dyn Fn(EngineNotice) + Send + Sync),
-) -> Result<(), String> {
+) -> Result<(), EngineError> {
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
     let mut store = PrefixStore::default();
     loop {
@@ -315,7 +319,7 @@ fn tensor_stage(
                 let ids = seqs.iter().map(|s| (s.task_id.clone(), s.reuse));
                 // Rank 0 would wait for this rank's partials: it cannot go
                 // on without the prefix.
-                let mut taken = take_tasks(shard, &mut tasks, &store, ids)?;
+                let mut taken = take_tasks(shard, &mut tasks, &store, ids).map_err(compute)?;
                 let mut steps: Vec<SeqStep<'_>> = taken
                     .iter_mut()
                     .zip(&seqs)
@@ -331,9 +335,7 @@ fn tensor_stage(
                 };
                 // A rank that cannot take part in the sums cannot go on:
                 // rank 0 would wait for its partials.
-                shard
-                    .forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)
-                    .map_err(|e| e.to_string())?;
+                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)?;
                 drop(steps);
                 tasks.extend(taken);
             }
@@ -343,12 +345,16 @@ fn tensor_stage(
             Ok(LinkMsg::Prefix { keep, forget }) => {
                 apply_prefix(&mut store, &tasks, &keep, &forget);
             }
-            Ok(other) => return Err(format!("unexpected message on a tensor link: {other:?}")),
+            Ok(other) => {
+                return Err(EngineError::Link(format!(
+                    "unexpected message on a tensor link: {other:?}"
+                )))
+            }
             Err(LinkEnd::Ended) => {
                 link.close(handle);
                 return Ok(());
             }
-            Err(LinkEnd::Lost(detail)) => return Err(detail),
+            Err(LinkEnd::Lost(detail)) => return Err(EngineError::Link(detail)),
         }
     }
 }

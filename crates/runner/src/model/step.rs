@@ -148,11 +148,11 @@ impl ModelEngine {
             prefill,
         });
         if let Err(e) = self.forward_batch(batch) {
-            let cause = e.to_string();
+            // The error as it is: a broken link stays a link error.
             for task in batch.iter_mut() {
                 if let Some(outcome) = forward_outcome(task) {
                     if outcome.is_none() {
-                        *outcome = Some(Err(compute(&cause)));
+                        *outcome = Some(Err(e.clone()));
                     }
                 }
             }
@@ -396,9 +396,11 @@ impl ModelEngine {
         };
         let mut results = match msg {
             Ok(LinkMsg::Results { results }) => Ok(results.into_iter()),
-            Ok(LinkMsg::Failed { cause }) => Err(cause),
-            Ok(other) => Err(format!("unexpected message on the token link: {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(LinkMsg::Failed { cause }) => Err(compute(cause)),
+            Ok(other) => Err(EngineError::Link(format!(
+                "unexpected message on the token link: {other:?}"
+            ))),
+            Err(e) => Err(e),
         };
         for task in batch.iter_mut() {
             let task_id = task.task_id.clone();
@@ -409,7 +411,7 @@ impl ModelEngine {
                 continue;
             }
             let result = match &mut results {
-                Err(cause) => Err(compute(&*cause)),
+                Err(e) => Err(e.clone()),
                 Ok(results) => match results.next() {
                     Some(r) if r.task_id == task_id => match r.outcome {
                         Ok(SeqDone::Token {

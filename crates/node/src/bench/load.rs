@@ -131,7 +131,9 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
             sharding: Some(*sharding),
             weights: Some(options.weights),
             threads: Some(*threads),
-            max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(1) as u32),
+            // Every client runs at once, and so do the long prompt table's
+            // 4 streams and its long prompt (none waits in the queue).
+            max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(5) as u32),
             ..instance_request(options.path.clone(), *runners)
         };
         let handle = node.create_instance(request)?;

@@ -381,6 +381,10 @@ pub enum TaskOutcome {
     },
 }
 
+/// Why a task was cancelled, as runners and the node both say it.
+pub const CANCELLED_BY_CLIENT: &str = "cancelled by the client";
+pub const CANCELLED_BY_SHUTDOWN: &str = "instance shutting down (cancel mode)";
+
 impl TaskOutcome {
     /// A failure of the runner itself (not a broken link).
     pub fn failed(cause: impl Into<String>) -> TaskOutcome {

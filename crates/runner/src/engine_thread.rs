@@ -36,8 +36,8 @@ pub(crate) const CANCEL_DEADLINE: u8 = 3;
 
 fn cancel_reason(code: u8) -> &'static str {
     match code {
-        CANCEL_CLIENT => "cancelled by the client",
-        CANCEL_SHUTDOWN => "instance shutting down (cancel mode)",
+        CANCEL_CLIENT => ipc::proto::CANCELLED_BY_CLIENT,
+        CANCEL_SHUTDOWN => ipc::proto::CANCELLED_BY_SHUTDOWN,
         _ => "drain deadline reached",
     }
 }

@@ -230,10 +230,6 @@ impl PrefixStore {
             self.entries.remove(id);
         }
     }
-
-    pub fn bytes(&self) -> usize {
-        self.entries.values().map(KvCache::bytes).sum()
-    }
 }
 
 #[cfg(test)]

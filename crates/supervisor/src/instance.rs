@@ -542,9 +542,38 @@ struct PendingDrain {
     replies: Vec<oneshot::Sender<ShutdownReport>>,
     /// When it stops waiting and signals anyway (the signal deadline).
     until: Instant,
-    /// Outcomes delivered meanwhile: drained, cancelled, failed (for the
-    /// shutdown report).
-    counts: [u32; 3],
+    /// Outcomes delivered meanwhile, for the shutdown report.
+    counts: Tally,
+}
+
+/// Task outcomes by kind, as the shutdown report counts them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    drained: u32,
+    cancelled: u32,
+    failed: u32,
+}
+
+impl Tally {
+    fn of(outcome: &TaskOutcome) -> Tally {
+        let mut tally = Tally::default();
+        tally.count(outcome);
+        tally
+    }
+
+    fn count(&mut self, outcome: &TaskOutcome) {
+        match outcome {
+            TaskOutcome::Completed { .. } => self.drained += 1,
+            TaskOutcome::Cancelled { .. } => self.cancelled += 1,
+            TaskOutcome::Failed { .. } | TaskOutcome::Invalid { .. } => self.failed += 1,
+        }
+    }
+
+    fn add_to(self, report: &mut ShutdownReport) {
+        report.tasks_drained += self.drained;
+        report.tasks_cancelled += self.cancelled;
+        report.tasks_failed += self.failed;
+    }
 }
 
 struct Teardown {
@@ -585,13 +614,6 @@ struct Actor {
     /// the teardown ends in `Failed`, without asking the restart policy.
     recurs: bool,
 }
-
-/// How a task cancelled by its client ends (the runner says the same).
-const CANCELLED_BY_CLIENT: &str = "cancelled by the client";
-
-/// How a waiting task ends in a cancel delete (the runner says the same of
-/// its running ones).
-const CANCELLED_BY_SHUTDOWN: &str = "instance shutting down (cancel mode)";
 
 /// How long a lost-link report waits for the peer's own exit.
 const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
@@ -1038,7 +1060,7 @@ impl Actor {
             self.finish_task(
                 task_id,
                 TaskOutcome::Cancelled {
-                    reason: CANCELLED_BY_CLIENT.into(),
+                    reason: ipc::proto::CANCELLED_BY_CLIENT.into(),
                 },
             );
             return;
@@ -1059,20 +1081,10 @@ impl Actor {
         let Some(tx) = self.tasks.finish(task_id) else {
             return;
         };
-        let kind = match &outcome {
-            TaskOutcome::Completed { .. } => 0,
-            TaskOutcome::Cancelled { .. } => 1,
-            TaskOutcome::Failed { .. } | TaskOutcome::Invalid { .. } => 2,
-        };
         if let Some(teardown) = &mut self.teardown {
-            let report = teardown.coordinator.report_mut();
-            *[
-                &mut report.tasks_drained,
-                &mut report.tasks_cancelled,
-                &mut report.tasks_failed,
-            ][kind] += 1;
+            Tally::of(&outcome).add_to(teardown.coordinator.report_mut());
         } else if let Some(pending) = &mut self.pending_drain {
-            pending.counts[kind] += 1;
+            pending.counts.count(&outcome);
         }
         tracing::debug!(instance = %self.spec.instance_id, task = %task_id, ?outcome, "task finished");
         // The client may be gone; the outcome then has nobody to reach.
@@ -1503,14 +1515,16 @@ impl Actor {
                     drain,
                     replies: vec![reply],
                     until: Instant::now() + ms(self.spec.timeouts.signal_ms),
-                    counts: [0; 3],
+                    counts: Tally::default(),
                 });
                 for request in self.tasks.start_all() {
                     self.dispatch(request).await;
                 }
                 self.check_pending_drain().await;
             }
-            _ if mode == ShutdownMode::Cancel => self.begin_cancel(vec![reply], [0; 3]).await,
+            _ if mode == ShutdownMode::Cancel => {
+                self.begin_cancel(vec![reply], Tally::default()).await
+            }
             _ => {
                 self.begin_teardown(mode, drain, "requested".into(), false)
                     .await;
@@ -1524,11 +1538,7 @@ impl Actor {
 
     /// A cancel delete: the runners cancel what they run, the node what
     /// waits.
-    async fn begin_cancel(
-        &mut self,
-        replies: Vec<oneshot::Sender<ShutdownReport>>,
-        counts: [u32; 3],
-    ) {
+    async fn begin_cancel(&mut self, replies: Vec<oneshot::Sender<ShutdownReport>>, counts: Tally) {
         self.begin_teardown(ShutdownMode::Cancel, None, "requested".into(), false)
             .await;
         self.add_counts(replies, counts);
@@ -1537,7 +1547,7 @@ impl Actor {
                 self.finish_task(
                     &task_id,
                     TaskOutcome::Cancelled {
-                        reason: CANCELLED_BY_SHUTDOWN.into(),
+                        reason: ipc::proto::CANCELLED_BY_SHUTDOWN.into(),
                     },
                 );
             }
@@ -1547,13 +1557,10 @@ impl Actor {
 
     /// Hands a pending drain's callers and counts to the teardown that
     /// began.
-    fn add_counts(&mut self, replies: Vec<oneshot::Sender<ShutdownReport>>, counts: [u32; 3]) {
+    fn add_counts(&mut self, replies: Vec<oneshot::Sender<ShutdownReport>>, counts: Tally) {
         if let Some(teardown) = &mut self.teardown {
             teardown.replies.extend(replies);
-            let report = teardown.coordinator.report_mut();
-            report.tasks_drained += counts[0];
-            report.tasks_cancelled += counts[1];
-            report.tasks_failed += counts[2];
+            counts.add_to(teardown.coordinator.report_mut());
         }
     }
 

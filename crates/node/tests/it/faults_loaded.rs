@@ -14,14 +14,19 @@ use crate::harness::{spawn_chat, wait_counts, watchdog, ChatResult, TestNode};
 const LONG: Duration = Duration::from_secs(60);
 const TASKS: usize = 8;
 
-/// Eight concurrent streamed chats; their ends.
-async fn eight(node: &TestNode, id: &str, max_tokens: u32, wait_running: bool) -> Vec<ChatResult> {
-    let clients: Vec<_> = (0..TASKS)
+/// Eight concurrent streamed chats of `max_tokens` each.
+fn spawn_eight(
+    node: &TestNode,
+    id: &str,
+    max_tokens: u32,
+) -> Vec<tokio::task::JoinHandle<ChatResult>> {
+    (0..TASKS)
         .map(|i| spawn_chat(node, id, &format!("task {i} of eight"), max_tokens))
-        .collect();
-    if wait_running {
-        wait_counts(node, id, TASKS as u64, 0).await;
-    }
+        .collect()
+}
+
+/// The clients' ends, in order.
+async fn ends(clients: Vec<tokio::task::JoinHandle<ChatResult>>) -> Vec<ChatResult> {
     let mut ends = Vec::new();
     for client in clients {
         ends.push(
@@ -31,6 +36,11 @@ async fn eight(node: &TestNode, id: &str, max_tokens: u32, wait_running: bool) -
         );
     }
     ends
+}
+
+/// Eight concurrent streamed chats; their ends.
+async fn eight(node: &TestNode, id: &str, max_tokens: u32) -> Vec<ChatResult> {
+    ends(spawn_eight(node, id, max_tokens)).await
 }
 
 /// Exactly one outcome each; a failure (a 503 refusal, a 502 before the
@@ -90,19 +100,10 @@ async fn loaded_case(node: &TestNode, phase: &str, kind: &str, body: Value, toke
             // about 16 s), then a drain delete: the fault fires as runner 1
             // begins its shutdown, and the drain deadline (1 s) ends what
             // is left.
-            let clients: Vec<_> = (0..TASKS)
-                .map(|i| spawn_chat(node, &id, &format!("task {i} of eight"), 400))
-                .collect();
+            let clients = spawn_eight(node, &id, 400);
             wait_counts(node, &id, TASKS as u64, 0).await;
             let report = node.delete(&id, "?mode=drain").await;
-            let mut ends = Vec::new();
-            for client in clients {
-                ends.push(
-                    watchdog("a client's end", LONG, client)
-                        .await
-                        .expect("client"),
-                );
-            }
+            let ends = ends(clients).await;
             assert_outcomes(&ends, &id, phase, kind, &["length", "cancelled"]);
             let finished = |f: &str| ends.iter().filter(|e| e.finish_reasons == [f]).count();
             println!(
@@ -123,7 +124,7 @@ async fn loaded_case(node: &TestNode, phase: &str, kind: &str, body: Value, toke
             // It only slows a drain: the tasks complete, and the delete
             // escalates.
             node.wait_state(&id, &["ready"], LONG).await;
-            let ends = eight(node, &id, tokens, false).await;
+            let ends = eight(node, &id, tokens).await;
             assert_outcomes(&ends, &id, phase, kind, &["length"]);
             let report = node.delete(&id, "?mode=drain").await;
             assert!(
@@ -138,7 +139,7 @@ async fn loaded_case(node: &TestNode, phase: &str, kind: &str, body: Value, toke
             // fault armed by the first task) meets eight tasks in flight.
             let v = node.wait_state(&id, &["ready", "failed"], LONG).await;
             let ready = v["state"]["state"] == "ready";
-            let ends = eight(node, &id, if ready { tokens } else { 5 }, false).await;
+            let ends = eight(node, &id, if ready { tokens } else { 5 }).await;
             assert_outcomes(&ends, &id, phase, kind, &[]);
             let streamed = ends.iter().filter(|e| e.status == 200).count();
             let refused = ends.iter().filter(|e| e.status == 503).count();
@@ -167,7 +168,7 @@ async fn loaded_matrix_for(phase: &str) {
         .create(json!({"model": "scripted", "runners": 2}))
         .await;
     node.wait_state(&id, &["ready"], LONG).await;
-    let ends = eight(&node, &id, 4, false).await;
+    let ends = eight(&node, &id, 4).await;
     assert!(
         ends.iter().all(|e| e.finish_reasons == ["length"]),
         "{ends:?}"

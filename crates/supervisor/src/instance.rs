@@ -3,6 +3,11 @@
 //! runner handle, the task table and the instance state; the API talks to
 //! it through [`InstanceHandle`] and reads snapshots ([`InstanceView`]).
 //!
+//! The decisions are pure types the actor drives: the startup barrier and
+//! phase deadlines ([`crate::startup`]), the task table and admission
+//! ([`crate::tasks`]), failure attribution ([`crate::blame`]), the shutdown
+//! ([`crate::shutdown`]) and the restart policy ([`crate::restart`]).
+//!
 //! Invariants:
 //! * Startup is all-or-nothing: the instance is `Ready` only when every
 //!   runner is; any runner failing or missing a phase deadline fails the
@@ -24,7 +29,9 @@
 //!   progress.
 //! * A failure of any runner (exit, lost channel, hang, deadline, stall) is
 //!   fail-stop: in-flight tasks fail with the cause, siblings get a
-//!   cancel-mode shutdown, and the restart policy decides what follows.
+//!   cancel-mode shutdown, and the restart policy decides what follows. The
+//!   failure names one runner, its phase and a typed cause
+//!   ([`FailureCause`]); a lost-link report first waits for the peer's own.
 //! * Runner events come tagged with a generation; a restart starts a new
 //!   generation only after every runner of the old one was reaped.
 
@@ -41,6 +48,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::blame::{blamed_phase, Blame, EchoHold, LINK_LOSS_GRACE};
+pub use crate::blame::{CauseKind, FailureCause, FailureReport};
 use crate::process::{ExitCause, Spawner, StopOutcome};
 use crate::remote::{Link, RemoteSpawner};
 use crate::restart::{RestartConfig, RestartDecision, RestartPolicy};
@@ -50,6 +59,7 @@ use crate::runner_handle::{
 use crate::shutdown::{
     Action, ShutdownCoordinator, ShutdownDeadlines, ShutdownPhase, ShutdownReport,
 };
+use crate::startup::{Budgets, StartAction, Startup};
 use crate::statedir::StateDir;
 use crate::tasks::{Done, Limits, TaskTable};
 
@@ -88,6 +98,17 @@ impl Default for Timeouts {
             drain_ms: 30_000,
             close_ms: 5_000,
             term_grace_ms: 2_000,
+        }
+    }
+}
+
+impl From<&Timeouts> for Budgets {
+    fn from(t: &Timeouts) -> Budgets {
+        Budgets {
+            spawn_ms: t.spawn_ms,
+            connect_ms: t.connect_ms,
+            load_ms: t.load_ms,
+            warmup_ms: t.warmup_ms,
         }
     }
 }
@@ -175,23 +196,6 @@ pub struct PrefixCounts {
     pub hits: u64,
     pub misses: u64,
     pub cached_tokens: u64,
-}
-
-/// Why an instance failed, for clients and `/state`.
-#[derive(Debug, Clone, Serialize)]
-pub struct FailureReport {
-    pub runner_id: String,
-    pub rank: u32,
-    pub phase: Phase,
-    pub cause: String,
-    /// Runners that were not Ready at the time, with their state.
-    pub not_ready: Vec<String>,
-    pub stderr_tail: Vec<String>,
-    /// The runner said the same start would fail the same way (a bad or
-    /// unsupported model file): the instance is not restarted.
-    pub recurs: bool,
-    /// The whole message as clients receive it.
-    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -493,8 +497,8 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         restart_at: None,
         last_shutdown: None,
         delete_requested: false,
-        connect_sent: false,
-        pending_failure: None,
+        startup: Startup::new(0, Budgets::from(&Timeouts::default()), Instant::now()),
+        echo: EchoHold::default(),
         recurs: false,
     };
     tokio::spawn(actor.run(cmd_rx));
@@ -508,13 +512,9 @@ struct Slot {
     handle: Option<Link>,
     state: RunnerState,
     history: Vec<RunnerState>,
-    /// The current phase's deadline.
-    deadline: Option<(Instant, Phase, u64)>,
     hung: Option<Duration>,
     exit: Option<ExitCause>,
     channel: Option<ChannelStats>,
-    /// Where the runner accepts data-plane links (from its `Hello`).
-    data_addr: Option<String>,
     /// The last progress this runner reported on any task (or when it was
     /// last handed a task while idle): the stall clock.
     progress_at: Instant,
@@ -523,15 +523,6 @@ struct Slot {
 impl Slot {
     fn exited(&self) -> bool {
         self.exit.is_some()
-    }
-
-    /// The phase the runner is in as far as the node knows: the one it was
-    /// asked to enter (its deadline) even if it died before confirming.
-    fn phase(&self) -> Phase {
-        match self.deadline {
-            Some((_, phase, _)) => phase,
-            None => self.state.phase(),
-        }
     }
 }
 
@@ -604,19 +595,15 @@ struct Actor {
     last_shutdown: Option<ShutdownReport>,
     /// A delete arrived during a failure's teardown: delete, do not restart.
     delete_requested: bool,
-    /// This generation's runners were sent `Connect`.
-    connect_sent: bool,
+    /// This generation's startup barrier and phase deadlines.
+    startup: Startup,
     /// A runner's report that its link to a peer broke: usually the echo of
-    /// that peer dying, whose own exit names the real cause. Held for
-    /// [`LINK_LOSS_GRACE`] so the failure is blamed on the right runner.
-    pending_failure: Option<(usize, Phase, String, Instant)>,
+    /// that peer dying, whose own exit names the real cause.
+    echo: EchoHold,
     /// A runner of the failed generation reported a failure that recurs:
     /// the teardown ends in `Failed`, without asking the restart policy.
     recurs: bool,
 }
-
-/// How long a lost-link report waits for the peer's own exit.
-const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
 
 impl Actor {
     async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
@@ -710,9 +697,9 @@ impl Actor {
         let (events_tx, events_rx) = mpsc::channel(1024);
         self.events = Some(events_rx);
         self.slots.clear();
-        self.connect_sent = false;
         self.state = InstanceState::Starting;
         let now = Instant::now();
+        self.startup = Startup::new(n as usize, Budgets::from(&self.spec.timeouts), now);
         let specs: Vec<RunnerSpec> = (0..n)
             .map(|rank| RunnerSpec {
                 instance_id: self.spec.instance_id.clone(),
@@ -768,11 +755,6 @@ impl Actor {
                     "placed on node {node}, but this node is not part of a cluster"
                 )),
             };
-            let deadline = Some((
-                now + ms(self.spec.timeouts.spawn_ms),
-                Phase::Spawning,
-                self.spec.timeouts.spawn_ms,
-            ));
             match spawned {
                 Ok(handle) => {
                     tracing::debug!(instance = %self.spec.instance_id, runner = %runner_id, pid = handle.pid(), node = ?node, "runner spawned");
@@ -782,32 +764,29 @@ impl Actor {
                         handle: Some(handle),
                         state: RunnerState::Idle,
                         history: Vec::new(),
-                        deadline,
                         hung: None,
                         exit: None,
                         channel: None,
-                        data_addr: None,
                         progress_at: Instant::now(),
                     });
                 }
-                Err(e) => {
-                    let cause = format!("could not spawn: {e}");
+                Err(error) => {
+                    self.startup.spawn_failed(rank);
+                    let cause = FailureCause::Spawn { error };
                     self.slots.push(Slot {
                         runner_id,
                         node,
                         handle: None,
                         state: RunnerState::Failed {
                             phase: Phase::Spawning,
-                            cause: cause.clone(),
+                            cause: cause.to_string(),
                             recurs: false,
                             link: false,
                         },
                         history: Vec::new(),
-                        deadline: None,
                         hung: None,
                         exit: Some(ExitCause::Code(-1)),
                         channel: None,
-                        data_addr: None,
                         progress_at: Instant::now(),
                     });
                     first_failure.get_or_insert((rank, cause));
@@ -822,10 +801,8 @@ impl Actor {
     fn next_wake(&self) -> Option<Instant> {
         let mut wake: Option<Instant> = None;
         let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
-        for slot in &self.slots {
-            if let Some((t, _, _)) = slot.deadline {
-                consider(t);
-            }
+        if let Some(t) = self.startup.next_deadline() {
+            consider(t);
         }
         if self.state == InstanceState::Ready {
             let stall = ms(self.spec.timeouts.task_stall_ms);
@@ -847,7 +824,7 @@ impl Actor {
         if let Some(t) = self.restart_at {
             consider(t);
         }
-        if let Some((_, _, _, t)) = self.pending_failure {
+        if let Some(t) = self.echo.deadline() {
             consider(t);
         }
         if let Some(t) = self.tasks.next_held() {
@@ -864,10 +841,8 @@ impl Actor {
         for (task_id, outcome) in self.tasks.held_due(now) {
             self.finish_task(&task_id, outcome);
         }
-        if self.pending_failure.as_ref().is_some_and(|p| now >= p.3) {
-            if let Some((rank, phase, cause, _)) = self.pending_failure.take() {
-                self.fail(rank, phase, cause).await;
-            }
+        if let Some(blame) = self.echo.due(now) {
+            self.fail(blame.rank, blame.phase, blame.cause).await;
         }
         if let Some(teardown) = &mut self.teardown {
             if teardown.coordinator.deadline().is_some_and(|d| now >= d) {
@@ -875,30 +850,26 @@ impl Actor {
                 self.perform(actions).await;
             }
         }
-        let overdue: Vec<(usize, Phase, u64)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, s)| match s.deadline {
-                Some((t, phase, budget)) if now >= t => Some((rank, phase, budget)),
-                _ => None,
-            })
-            .collect();
-        for (rank, phase, budget) in overdue {
-            self.slots[rank].deadline = None;
-            let cause = format!("did not finish {phase} within {budget} ms");
-            self.fail(rank, phase, cause).await;
+        for action in self.startup.on_clock(now) {
+            if let StartAction::Overdue {
+                rank,
+                phase,
+                budget_ms,
+            } = action
+            {
+                let cause = FailureCause::Deadline { phase, budget_ms };
+                self.fail(rank, phase, cause).await;
+            }
         }
         if self.state == InstanceState::Ready {
             let stall = ms(self.spec.timeouts.task_stall_ms);
             let stalled = (0..self.slots.len())
                 .find(|&r| self.busy(r) && now >= self.slots[r].progress_at + stall);
             if let Some(rank) = stalled {
-                let waiting = self.tasks.owed_by(rank);
-                let cause = format!(
-                    "made no progress on its {waiting} task(s) for {} ms",
-                    self.spec.timeouts.task_stall_ms
-                );
+                let cause = FailureCause::Stalled {
+                    tasks: self.tasks.owed_by(rank),
+                    stall_ms: self.spec.timeouts.task_stall_ms,
+                };
                 self.fail(rank, Phase::Running, cause).await;
             }
         }
@@ -1048,9 +1019,10 @@ impl Actor {
                 Err(e @ SendFailure::Stuck(_)) => stuck = stuck.or(Some((rank, e.to_string()))),
             }
         }
-        if let Some((rank, cause)) = stuck {
+        if let Some((rank, error)) = stuck {
             // Fails this task too, through the task table.
-            self.fail(rank, Phase::Running, cause).await;
+            self.fail(rank, Phase::Running, FailureCause::Stuck { error })
+                .await;
         }
     }
 
@@ -1121,7 +1093,7 @@ impl Actor {
         }
         match event {
             RunnerEvent::Message(FromRunner::Hello { data_addr }) => {
-                self.slots[rank].data_addr = data_addr
+                self.startup.on_hello(rank, data_addr)
             }
             RunnerEvent::Message(FromRunner::Status(state)) => self.on_status(rank, state).await,
             // Rank 0 starts each task once; other ranks' starts (scripted
@@ -1187,8 +1159,8 @@ impl Actor {
                 }
             }
             RunnerEvent::Message(FromRunner::Rejected { request, reason }) => {
-                let phase = self.slots[rank].phase();
-                self.fail(rank, phase, format!("rejected {request}: {reason}"))
+                let phase = self.phase_of(rank);
+                self.fail(rank, phase, FailureCause::Rejected { request, reason })
                     .await;
             }
             RunnerEvent::Ended { reason } => {
@@ -1197,7 +1169,7 @@ impl Actor {
                     self.perform(actions).await;
                 } else {
                     let phase = self.slots[rank].state.phase();
-                    self.fail(rank, phase, format!("ended its channel unasked ({reason})"))
+                    self.fail(rank, phase, FailureCause::EndedUnasked { reason })
                         .await;
                 }
             }
@@ -1214,105 +1186,47 @@ impl Actor {
 
     async fn on_status(&mut self, rank: usize, state: RunnerState) {
         let now = Instant::now();
-        let t = self.spec.timeouts.clone();
         let slot = &mut self.slots[rank];
         slot.history.push(state.clone());
         slot.state = state.clone();
-        let handle = slot.handle.as_ref();
-        let starting = self.teardown.is_none();
-        let next = match &state {
-            RunnerState::Idle if starting => {
-                // Connecting needs every runner's data-plane address: the
-                // connect deadline covers waiting for the others too.
-                slot.deadline = Some((now + ms(t.connect_ms), Phase::Connecting, t.connect_ms));
-                None
-            }
-            RunnerState::Connected if starting => {
-                slot.deadline = Some((now + ms(t.load_ms), Phase::Loading, t.load_ms));
-                Some(ToRunner::Load)
-            }
-            RunnerState::Loading { .. } if starting => {
-                // Progress extends the load deadline.
-                slot.deadline = Some((now + ms(t.load_ms), Phase::Loading, t.load_ms));
-                None
-            }
-            RunnerState::Loaded if starting => {
-                slot.deadline = Some((now + ms(t.warmup_ms), Phase::WarmingUp, t.warmup_ms));
-                Some(ToRunner::WarmUp)
-            }
-            RunnerState::Ready => {
-                slot.deadline = None;
-                None
-            }
-            _ => None,
-        };
-        if let (Some(msg), Some(handle)) = (next, handle) {
-            if let Err(e @ SendFailure::Stuck(_)) = handle.send(msg).await {
-                let phase = self.slots[rank].phase();
-                self.fail(rank, phase, e.to_string()).await;
-                return;
-            }
-        }
-        // The connect barrier: once, when every runner has reported Idle
-        // (and so its data-plane address).
-        if state == RunnerState::Idle
-            && !self.connect_sent
-            && self.teardown.is_none()
-            && self.slots.len() == self.spec.runners as usize
-            && self
-                .slots
-                .iter()
-                .all(|s| s.history.last() == Some(&RunnerState::Idle))
-        {
-            self.connect_sent = true;
-            let peers: Vec<String> = self
-                .slots
-                .iter()
-                .map(|s| s.data_addr.clone().unwrap_or_default())
-                .collect();
-            for rank in 0..self.slots.len() {
-                let connect = ToRunner::Connect {
-                    peers: peers.clone(),
-                    deadline_ms: t.connect_ms,
-                };
-                let Some(handle) = &self.slots[rank].handle else {
-                    continue;
-                };
-                if let Err(e @ SendFailure::Stuck(_)) = handle.send(connect).await {
-                    self.fail(rank, Phase::Connecting, e.to_string()).await;
-                    return;
+        for action in self.startup.on_status(rank, &state, now) {
+            match action {
+                StartAction::Send { rank, msg } => {
+                    let Some(handle) = &self.slots[rank].handle else {
+                        continue;
+                    };
+                    if let Err(e @ SendFailure::Stuck(_)) = handle.send(msg).await {
+                        let phase = self.phase_of(rank);
+                        let cause = FailureCause::Stuck {
+                            error: e.to_string(),
+                        };
+                        self.fail(rank, phase, cause).await;
+                        return;
+                    }
                 }
+                StartAction::Ready if self.state == InstanceState::Starting => {
+                    tracing::info!(instance = %self.spec.instance_id, runners = self.slots.len(), "instance ready");
+                    self.state = InstanceState::Ready;
+                    self.restart.on_ready(now - self.epoch);
+                }
+                StartAction::Ready | StartAction::Overdue { .. } => {}
             }
         }
         match state {
-            RunnerState::Ready
-                if self.state == InstanceState::Starting
-                    && self.slots.iter().all(|s| s.state == RunnerState::Ready) =>
-            {
-                tracing::info!(instance = %self.spec.instance_id, runners = self.slots.len(), "instance ready");
-                self.state = InstanceState::Ready;
-                self.restart.on_ready(now - self.epoch);
-            }
             RunnerState::ShuttingDown => {
                 if let Some(teardown) = &mut self.teardown {
                     let actions = teardown.coordinator.on_ack(rank, now);
                     self.perform(actions).await;
                 }
             }
+            // The first lost-link report is held for the peer's own exit;
+            // during a teardown such an echo changes nothing.
             RunnerState::Failed {
                 phase,
                 cause,
                 link: true,
                 ..
-            } => {
-                // During a teardown the echo changes nothing; otherwise the
-                // first report is held for the peer's own exit.
-                let hold = self.teardown.is_none();
-                if hold {
-                    self.pending_failure
-                        .get_or_insert((rank, phase, cause, now + LINK_LOSS_GRACE));
-                }
-            }
+            } if self.teardown.is_none() => self.echo.hold(rank, phase, cause, now),
             RunnerState::Failed {
                 phase,
                 cause,
@@ -1321,7 +1235,8 @@ impl Actor {
             } => {
                 // Restarting cannot help a start that fails the same way.
                 self.recurs |= recurs;
-                self.fail(rank, phase, cause).await
+                self.fail(rank, phase, FailureCause::Reported { cause })
+                    .await
             }
             _ => {}
         }
@@ -1335,27 +1250,12 @@ impl Actor {
         stop: Option<StopOutcome>,
     ) {
         let now = Instant::now();
+        let phase = self.phase_of(rank);
+        self.startup.on_exited(rank);
         let slot = &mut self.slots[rank];
-        let phase = slot.phase();
         slot.exit = Some(cause);
-        slot.deadline = None;
         slot.channel = slot.handle.as_ref().and_then(|h| h.channel_stats());
-        let hung = slot.hung;
-        let what = match (hung, &channel) {
-            (Some(silent), _) => format!(
-                "hung (no pong for {} ms), killed: {cause}",
-                silent.as_millis()
-            ),
-            (None, ChannelEnd::PeerLost { detail, .. }) if cause == ExitCause::NodeLost => format!(
-                "node {} lost: {detail}",
-                slot.node.as_deref().unwrap_or("?")
-            ),
-            (None, ChannelEnd::End) => format!("exited with {cause} after ending its channel"),
-            (None, ChannelEnd::PeerLost { detail, eof: false }) => {
-                format!("exited with {cause}; its channel broke: {detail}")
-            }
-            (None, _) => format!("exited with {cause}"),
-        };
+        let what = FailureCause::of_exit(cause, &channel, slot.hung, slot.node.as_deref());
         if self.teardown.is_none() {
             // A runner ended while the instance was starting or serving.
             self.fail(rank, phase, what.clone()).await;
@@ -1378,7 +1278,7 @@ impl Actor {
                 // The other runners' data-plane links to the lost node may
                 // be silent (a partition, not a crash): they cannot finish
                 // anything and would only sit out the drain deadline.
-                actions.extend(teardown.coordinator.stop_all(&what, now));
+                actions.extend(teardown.coordinator.stop_all(&what.to_string(), now));
             }
             self.perform(actions).await;
         }
@@ -1386,17 +1286,19 @@ impl Actor {
         self.check_teardown_done().await;
     }
 
+    /// The phase `rank` is in as far as the node knows: the one it was
+    /// asked to enter (its deadline) even if it died before confirming.
+    fn phase_of(&self, rank: usize) -> Phase {
+        self.startup
+            .pending_phase(rank)
+            .unwrap_or_else(|| self.slots[rank].state.phase())
+    }
+
     /// Fail-stop: the instance fails because of runner `rank`.
-    async fn fail(&mut self, rank: usize, phase: Phase, cause: String) {
+    async fn fail(&mut self, rank: usize, phase: Phase, cause: FailureCause) {
         let now = Instant::now();
-        self.pending_failure = None;
-        // A stage driven over the data plane reports no task of its own, but
-        // it is running whenever the instance has tasks in flight.
-        let phase = if phase == Phase::Ready && !self.tasks.is_empty() {
-            Phase::Running
-        } else {
-            phase
-        };
+        self.echo.clear();
+        let phase = blamed_phase(phase, !self.tasks.is_empty());
         let slot = &self.slots[rank];
         let runner_id = slot.runner_id.clone();
         if let Some(teardown) = &mut self.teardown {
@@ -1419,25 +1321,20 @@ impl Actor {
             })
             .map(|s| format!("{} ({})", s.runner_id, s.state.name()))
             .collect();
-        let mut message =
-            format!("runner {runner_id} (rank {rank}) failed in phase {phase}: {cause}");
-        if self.state == InstanceState::Starting && !not_ready.is_empty() {
-            message.push_str(&format!("; not ready: {}", not_ready.join(", ")));
-        }
-        if !stderr_tail.is_empty() {
-            message.push_str(&format!("; last stderr: {}", stderr_tail.join(" | ")));
-        }
-        tracing::error!(instance = %self.spec.instance_id, runner = %runner_id, %phase, "{message}");
-        self.failure = Some(FailureReport {
-            runner_id: runner_id.clone(),
-            rank: rank as u32,
-            phase,
-            cause: cause.clone(),
+        let starting = self.state == InstanceState::Starting;
+        let blame = Blame { rank, phase, cause };
+        let report = FailureReport::new(
+            &runner_id,
+            &blame,
+            starting,
             not_ready,
             stderr_tail,
-            recurs: self.recurs,
-            message: message.clone(),
-        });
+            self.recurs,
+        );
+        let message = report.message.clone();
+        let cause = blame.cause;
+        tracing::error!(instance = %self.spec.instance_id, runner = %runner_id, %phase, kind = ?report.kind, "{message}");
+        self.failure = Some(report);
         self.state = InstanceState::Failed {
             cause: message.clone(),
         };
@@ -1642,8 +1539,8 @@ impl Actor {
             replies: Vec::new(),
             after_failure,
         });
-        for slot in &mut self.slots {
-            slot.deadline = None;
+        self.startup.stop();
+        for slot in &self.slots {
             if let Some(handle) = &slot.handle {
                 let shutdown = Control::Shutdown {
                     mode,

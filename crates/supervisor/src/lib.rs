@@ -4,10 +4,12 @@
 //! ([`instance`], [`shutdown`]), restarting by policy ([`restart`]),
 //! cleaning up resources in dependency order ([`resources`]), and the
 //! node's state directory ([`statedir`]); the task table and admission
-//! bound ([`tasks`]).
+//! bound ([`tasks`]), the startup barrier ([`startup`]) and failure
+//! attribution ([`blame`]), each a pure type the instance actor drives.
 //!
 //! The supervisor knows nothing about models, HTTP or other nodes.
 
+pub mod blame;
 pub mod instance;
 pub mod logs;
 pub mod process;
@@ -16,5 +18,6 @@ pub mod resources;
 pub mod restart;
 pub mod runner_handle;
 pub mod shutdown;
+pub mod startup;
 pub mod statedir;
 pub mod tasks;

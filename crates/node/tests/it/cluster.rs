@@ -483,6 +483,7 @@ async fn a_node_that_stops_answering_pings_is_lost_though_its_token_lives() {
         message.contains(&format!("node {} lost: its ping failed", ids[1])),
         "{message}"
     );
+    assert_eq!(failed["failure"]["kind"], "node_lost", "{failed}");
     // ... while node 1 still sees node 2's token.
     let cluster = first.cluster().await;
     let member = cluster["nodes"]
@@ -522,6 +523,7 @@ async fn a_rank_that_cannot_start_on_its_node_fails_the_instance_and_stops_the_r
         )),
         "{message}"
     );
+    assert_eq!(v["failure"]["kind"], "spawn", "{v}");
     wait_no_runners(&id, Duration::from_secs(10)).await;
     // Every rank's end is recorded: the two that started were stopped.
     watchdog("every rank ended", Duration::from_secs(10), async {

@@ -38,6 +38,31 @@ pub fn expected_cause(kind: &str, phase: &str) -> &'static str {
     }
 }
 
+/// The kind of cause (`failure.kind` in `/state`) a fault of `kind` in
+/// `phase` is attributed to.
+pub fn expected_kind(kind: &str, phase: &str) -> &'static str {
+    match kind {
+        "panic" | "exit" | "abort" | "kill" | "garbage" | "oversize_frame" => "exited",
+        "hang" => "hung",
+        "ignore_sigterm" if matches!(phase, "ready" | "running") => "stalled",
+        "ignore_sigterm" => "deadline",
+        _ => unreachable!("{kind} has no failure cause"),
+    }
+}
+
+/// `/state`'s failure of an instance failed by a fault of `kind` in
+/// `phase` on rank 1: its message names runner, phase and cause, and its
+/// typed fields agree.
+pub fn assert_failure(failure: &Value, id: &str, phase: &str, kind: &str) {
+    assert_names(failure["message"].as_str().unwrap(), id, phase, kind);
+    assert_eq!(failure["rank"], 1, "[{phase}/{kind}] {failure}");
+    assert_eq!(
+        failure["kind"],
+        expected_kind(kind, phase),
+        "[{phase}/{kind}] {failure}"
+    );
+}
+
 pub fn instance_body(phase: &str, kind: &str) -> Value {
     let mut fault = json!({"runner": 1, "phase": phase, "kind": kind});
     if kind == "slow_drain" {
@@ -170,12 +195,12 @@ async fn run_case_with(node: &TestNode, phase: &str, kind: &str, body: Value) ->
             assert_eq!(chat.errors.len(), 1, "[{phase}/{kind}] {chat:?}");
             assert_names(&chat.errors[0], &id, phase, kind);
             let v = node.wait_state(&id, &["failed"], LONG).await;
-            assert_names(v["failure"]["message"].as_str().unwrap(), &id, phase, kind);
+            assert_failure(&v["failure"], &id, phase, kind);
         }
         _ => {
             let v = node.wait_state(&id, &["failed"], LONG).await;
             detected = started.elapsed();
-            assert_names(v["failure"]["message"].as_str().unwrap(), &id, phase, kind);
+            assert_failure(&v["failure"], &id, phase, kind);
             // A chat is refused with the cause.
             let chat = read_chat(node.chat(&id, "x", 5, true).await).await;
             assert_eq!(chat.status, 503, "{chat:?}");
@@ -374,12 +399,7 @@ async fn runner_garbage_fails_only_its_instance() {
     for kind in ["garbage", "oversize_frame"] {
         let id = node.create(instance_body("ready", kind)).await;
         let v = node.wait_state(&id, &["failed"], LONG).await;
-        assert_names(
-            v["failure"]["message"].as_str().unwrap(),
-            &id,
-            "ready",
-            kind,
-        );
+        assert_failure(&v["failure"], &id, "ready", kind);
         assert_no_runners_left(&id).await;
         let chat = read_chat(node.chat(&healthy, "fine", 2, true).await).await;
         assert_eq!(chat.finish_reasons, ["length"], "{chat:?}");

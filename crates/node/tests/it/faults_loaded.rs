@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::faults::{assert_no_runners_left, expected_cause, instance_body, model_body, KINDS};
+use crate::faults::{
+    assert_no_runners_left, expected_cause, expected_kind, instance_body, model_body, KINDS,
+};
 use crate::harness::{spawn_chat, wait_counts, watchdog, ChatResult, TestNode};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -150,7 +152,13 @@ async fn loaded_case(node: &TestNode, phase: &str, kind: &str, body: Value, toke
             if matches!(phase, "connecting" | "loading" | "warming_up") {
                 assert_eq!(refused, TASKS, "[{phase}/{kind}] no task before ready");
             }
-            node.wait_state(&id, &["failed"], LONG).await;
+            let v = node.wait_state(&id, &["failed"], LONG).await;
+            // Blamed on rank 1 with the fault's kind of cause (the phase
+            // may be running: tasks were in flight).
+            let failure = &v["failure"];
+            assert_eq!(failure["rank"], 1, "[{phase}/{kind}] {failure}");
+            let want = expected_kind(kind, phase);
+            assert_eq!(failure["kind"], want, "[{phase}/{kind}] {failure}");
             let (status, report) = node.call("DELETE", &format!("/instance/{id}"), None).await;
             assert_eq!(status, 200, "{report}");
         }

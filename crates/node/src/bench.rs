@@ -56,6 +56,7 @@ pub(crate) fn instance_request(model: String, runners: u32) -> CreateInstance {
         max_batch: None,
         max_waiting: None,
         prefix_cache_mb: None,
+        kv_cache_mb: None,
         max_step_tokens: None,
     }
 }

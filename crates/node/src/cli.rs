@@ -554,6 +554,7 @@ async fn run_once(node: &Arc<Node>, args: &RunArgs) -> anyhow::Result<i32> {
         max_batch: None,
         max_waiting: None,
         prefix_cache_mb: None,
+        kv_cache_mb: None,
         max_step_tokens: None,
     };
     let handle = node.create_instance(request)?;

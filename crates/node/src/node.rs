@@ -90,6 +90,13 @@ pub struct CreateInstance {
     /// 0: no prefix reuse).
     #[serde(default)]
     pub prefix_cache_mb: Option<u32>,
+    /// Memory the running tasks' keys and values may take in MiB, all
+    /// ranks together (model files; default half the memory available at
+    /// load, counted at twice each position for growing buffers). A task
+    /// that does not fit beside the running ones waits; one that never
+    /// fits gets a 400.
+    #[serde(default)]
+    pub kv_cache_mb: Option<u32>,
     /// Tokens one batched step takes at most, decoded and prompt tokens
     /// together (model files; default 512).
     #[serde(default)]
@@ -174,6 +181,7 @@ fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), 
         ("prefill_chunk", req.prefill_chunk, "token"),
         ("max_batch", req.max_batch, "task"),
         ("max_step_tokens", req.max_step_tokens, "token"),
+        ("kv_cache_mb", req.kv_cache_mb, "MiB"),
     ] {
         if value == Some(0) {
             return Err(NodeError::BadRequest(format!(
@@ -239,6 +247,7 @@ fn model_config(req: &CreateInstance) -> Result<(ModelEngineArgs, String, u32), 
         max_batch: req.max_batch,
         max_step_tokens: req.max_step_tokens,
         prefix_cache_mb: req.prefix_cache_mb,
+        kv_cache_mb: req.kv_cache_mb,
     };
     Ok((args, name, context))
 }
@@ -478,9 +487,10 @@ impl Node {
                 || req.prefill_chunk.is_some()
                 || req.max_step_tokens.is_some()
                 || req.prefix_cache_mb.is_some()
+                || req.kv_cache_mb.is_some()
             {
                 return Err(NodeError::BadRequest(
-                    "sharding, layers, weights, prefill_chunk, max_step_tokens and prefix_cache_mb apply to model files, not to \"scripted\"".into(),
+                    "sharding, layers, weights, prefill_chunk, max_step_tokens, prefix_cache_mb and kv_cache_mb apply to model files, not to \"scripted\"".into(),
                 ));
             }
             (

@@ -52,6 +52,10 @@ pub enum StartError {
     Invalid(InvalidTask, String),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The task fits the instance's KV budget, but not beside the tasks
+    /// running now: it waits for their room (`crate::kv_budget`).
+    #[error("no KV room now")]
+    NoRoom,
 }
 
 pub trait Engine: Send + 'static {

@@ -16,6 +16,10 @@
 //!   shared evenly between the lanes ([`launch_size`]).
 //! * A launch that fails fails every task of its batch with the cause; a
 //!   landing fails only the tasks whose results are errors.
+//! * A task with no KV room yet ([`StartError::NoRoom`]) waits, in arrival
+//!   order, and is tried again only when a task has left; a task that
+//!   arrives while others wait queues behind them; a cancel reaches a
+//!   waiting task too (it never started, so `end_task` is not called).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -154,9 +158,13 @@ fn engine_thread<E: Engine>(
     let mut idle: VecDeque<Active<E::Task>> = VecDeque::new();
     // Launched batches, oldest first.
     let mut flights: VecDeque<Vec<Active<E::Task>>> = VecDeque::new();
+    // Tasks waiting for KV room, in arrival order, and how many tasks were
+    // started when the first of them last found none.
+    let mut waiting: VecDeque<(TaskRequest, Arc<AtomicU8>)> = VecDeque::new();
+    let mut blocked_at = 0;
     let send = |ev: EngineEvent| events.blocking_send(ev).is_ok();
     loop {
-        let cmd = if idle.is_empty() && flights.is_empty() {
+        let cmd = if idle.is_empty() && flights.is_empty() && waiting.is_empty() {
             match cmds.recv() {
                 Ok(cmd) => Some(cmd),
                 Err(_) => return engine.release().map_err(|e| e.to_string()),
@@ -175,6 +183,7 @@ fn engine_thread<E: Engine>(
                     for a in idle.drain(..) {
                         engine.end_task(a.task);
                     }
+                    waiting.clear();
                     return engine.release().map_err(|e| e.to_string());
                 }
             }
@@ -200,32 +209,26 @@ fn engine_thread<E: Engine>(
                 phase: Phase::WarmingUp,
                 result: engine.warm_up().map_err(PhaseError::from),
             }),
-            Some(EngineCmd::Start(request, cancel)) => match engine.start(&request) {
-                Ok((task, prompt_tokens)) => {
-                    let started = EngineEvent::Started {
-                        task_id: request.task_id.clone(),
-                        prompt_tokens,
-                        cached_tokens: engine.cached_tokens(&task),
-                    };
-                    idle.push_back(Active {
-                        task_id: request.task_id,
-                        task,
-                        cancel,
-                        prompt_tokens,
-                        index: 0,
-                    });
-                    send(started)
+            Some(EngineCmd::Start(request, cancel)) if !waiting.is_empty() => {
+                tracing::info!(task = %request.task_id, waiting = waiting.len(), "task waits for KV cache room behind others");
+                waiting.push_back((request, cancel));
+                true
+            }
+            Some(EngineCmd::Start(request, cancel)) => {
+                match try_start(&mut engine, request, cancel) {
+                    Tried::Started(active, started) => {
+                        idle.push_back(*active);
+                        send(started)
+                    }
+                    Tried::NoRoom(request, cancel) => {
+                        tracing::info!(task = %request.task_id, "task waits for KV cache room");
+                        blocked_at = started_now(&idle, &flights);
+                        waiting.push_back((request, cancel));
+                        true
+                    }
+                    Tried::Refused(done) => send(done),
                 }
-                Err(e) => send(EngineEvent::TaskDone {
-                    task_id: request.task_id,
-                    outcome: match e {
-                        StartError::Invalid(code, message) => {
-                            TaskOutcome::Invalid { code, message }
-                        }
-                        StartError::Engine(e) => failed(&e),
-                    },
-                }),
-            },
+            }
         };
         if !ok {
             return Ok(());
@@ -233,6 +236,62 @@ fn engine_thread<E: Engine>(
         if had_cmd {
             // Every task that arrived joins the next step, not one a step.
             continue;
+        }
+        // Waiting tasks: a cancel reaches them; once a task has left since
+        // the first found no room, they start in order while room lasts.
+        let mut still = VecDeque::with_capacity(waiting.len());
+        for (request, cancel) in waiting.drain(..) {
+            let code = cancel.load(Ordering::Acquire);
+            if code == CANCEL_NONE {
+                still.push_back((request, cancel));
+                continue;
+            }
+            let done = EngineEvent::TaskDone {
+                task_id: request.task_id,
+                outcome: TaskOutcome::Cancelled {
+                    reason: cancel_reason(code).into(),
+                },
+            };
+            if !send(done) {
+                return Ok(());
+            }
+        }
+        waiting = still;
+        let started = started_now(&idle, &flights);
+        if started < blocked_at || (started == 0 && !waiting.is_empty()) {
+            while let Some((request, cancel)) = waiting.pop_front() {
+                match try_start(&mut engine, request, cancel) {
+                    Tried::Started(active, event) => {
+                        idle.push_back(*active);
+                        if !send(event) {
+                            return Ok(());
+                        }
+                    }
+                    Tried::NoRoom(request, _) if started_now(&idle, &flights) == 0 => {
+                        // Nothing runs to give room back: waiting cannot end.
+                        let e = EngineError::Compute(
+                            "the KV budget has no room though no task runs".into(),
+                        );
+                        let done = EngineEvent::TaskDone {
+                            task_id: request.task_id,
+                            outcome: failed(&e),
+                        };
+                        if !send(done) {
+                            return Ok(());
+                        }
+                    }
+                    Tried::NoRoom(request, cancel) => {
+                        waiting.push_front((request, cancel));
+                        break;
+                    }
+                    Tried::Refused(done) => {
+                        if !send(done) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            blocked_at = started_now(&idle, &flights);
         }
         // Cancels land between steps.
         let mut kept = VecDeque::with_capacity(idle.len());
@@ -300,6 +359,51 @@ fn engine_thread<E: Engine>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Tasks started and not yet ended: idle or in a batch in flight.
+fn started_now<T>(idle: &VecDeque<Active<T>>, flights: &VecDeque<Vec<Active<T>>>) -> usize {
+    idle.len() + flights.iter().map(Vec::len).sum::<usize>()
+}
+
+enum Tried<T> {
+    Started(Box<Active<T>>, EngineEvent),
+    NoRoom(TaskRequest, Arc<AtomicU8>),
+    /// It cannot start: its one outcome.
+    Refused(EngineEvent),
+}
+
+fn try_start<E: Engine>(
+    engine: &mut E,
+    request: TaskRequest,
+    cancel: Arc<AtomicU8>,
+) -> Tried<E::Task> {
+    match engine.start(&request) {
+        Ok((task, prompt_tokens)) => {
+            let started = EngineEvent::Started {
+                task_id: request.task_id.clone(),
+                prompt_tokens,
+                cached_tokens: engine.cached_tokens(&task),
+            };
+            let active = Active {
+                task_id: request.task_id,
+                task,
+                cancel,
+                prompt_tokens,
+                index: 0,
+            };
+            Tried::Started(Box::new(active), started)
+        }
+        Err(StartError::NoRoom) => Tried::NoRoom(request, cancel),
+        Err(StartError::Invalid(code, message)) => Tried::Refused(EngineEvent::TaskDone {
+            task_id: request.task_id,
+            outcome: TaskOutcome::Invalid { code, message },
+        }),
+        Err(StartError::Engine(e)) => Tried::Refused(EngineEvent::TaskDone {
+            task_id: request.task_id,
+            outcome: failed(&e),
+        }),
     }
 }
 

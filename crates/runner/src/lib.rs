@@ -13,6 +13,7 @@
 pub mod engine;
 mod engine_thread;
 pub mod fault;
+pub mod kv_budget;
 pub mod lifecycle;
 mod links;
 pub use links::DATA_HOST_ENV;

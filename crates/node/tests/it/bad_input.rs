@@ -91,14 +91,14 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             "/instance",
             r#"{"model": "scripted", "weights": "f32"}"#,
             400,
-            "sharding, layers, weights, prefill_chunk, max_step_tokens and prefix_cache_mb apply to model files",
+            "sharding, layers, weights, prefill_chunk, max_step_tokens, prefix_cache_mb and kv_cache_mb apply to model files",
         ),
         (
             "POST",
             "/instance",
             r#"{"model": "scripted", "max_step_tokens": 4}"#,
             400,
-            "max_step_tokens and prefix_cache_mb apply to model files",
+            "prefix_cache_mb and kv_cache_mb apply to model files",
         ),
         (
             "POST",

@@ -8,6 +8,7 @@ mod cluster;
 mod faults;
 mod faults_loaded;
 mod harness;
+mod kv_budget;
 mod lifecycle;
 mod model;
 mod node_crash;

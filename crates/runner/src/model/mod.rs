@@ -57,6 +57,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 
 use crate::engine::{Engine, StartError, Step};
+use crate::kv_budget::{self, Fit, KvBudget};
 use crate::links::{self, Link, LinkMsg, ScoreTargets};
 use crate::prefix::{PrefixIndex, PrefixStore, Reuse};
 
@@ -105,6 +106,11 @@ pub struct ModelEngineArgs {
     /// (default [`DEFAULT_PREFIX_CACHE_MB`]; 0: no prefix reuse).
     #[serde(default)]
     pub prefix_cache_mb: Option<u32>,
+    /// Memory the running tasks' keys and values may take, all ranks
+    /// together, in MiB (default: [`crate::kv_budget::default_positions`]
+    /// of the memory available at load).
+    #[serde(default)]
+    pub kv_cache_mb: Option<u32>,
 }
 
 /// Memory kept prompt prefixes take at most when the instance names no
@@ -164,6 +170,8 @@ pub struct ModelEngine {
     prefix: Option<PrefixIndex>,
     /// Rank 0's own KV of the kept prefixes.
     store: PrefixStore,
+    /// Rank 0's KV budget of the running tasks (set at load).
+    kv: Option<KvBudget>,
 }
 
 pub struct ModelTask {
@@ -207,6 +215,8 @@ pub struct ModelTask {
     keep: Vec<u32>,
     /// Prompt positions taken from a kept prefix (`None`: no prefix reuse).
     cached: Option<u32>,
+    /// Positions it holds of the KV budget: its prompt and completion bound.
+    reserved: usize,
 }
 
 /// Splits a scored chunk's logits (`[rows, vocab]` when `score` asked for
@@ -280,6 +290,7 @@ impl ModelEngine {
             notify,
             prefix: None,
             store: PrefixStore::default(),
+            kv: None,
         })
     }
 
@@ -524,13 +535,32 @@ impl Engine for ModelEngine {
         self.shard = Some(Arc::new(shard));
         if self.rank == 0 {
             self.load_text_side(config.vocab_size)?;
-            // Positions the prefix budget holds: the whole model's keys and
-            // values of one position, f32.
-            let mb = self.args.prefix_cache_mb.unwrap_or(DEFAULT_PREFIX_CACHE_MB) as usize;
+            // Budgets in positions of the whole model's keys and values.
             let per_position =
-                (config.n_layers * config.n_kv_heads * config.head_dim * 2 * 4).max(1);
-            let positions = (mb << 20) / per_position;
+                kv_budget::bytes_per_position(config.n_layers, config.n_kv_heads, config.head_dim);
+            let mb = self.args.prefix_cache_mb.unwrap_or(DEFAULT_PREFIX_CACHE_MB);
+            let positions = kv_budget::positions_in_mb(u64::from(mb), per_position);
             self.prefix = (positions > 0).then(|| PrefixIndex::new(positions));
+            let (capacity, from) = match self.args.kv_cache_mb {
+                Some(mb) => (
+                    kv_budget::positions_in_mb(u64::from(mb), per_position),
+                    "kv_cache_mb",
+                ),
+                None => {
+                    let available = kv_budget::mem_available().unwrap_or(0);
+                    (
+                        kv_budget::default_positions(available, per_position),
+                        "available memory",
+                    )
+                }
+            };
+            tracing::info!(
+                positions = capacity,
+                mib = (capacity * per_position) >> 20,
+                from,
+                "KV budget"
+            );
+            self.kv = Some(KvBudget::new(capacity));
         }
         Ok(())
     }
@@ -665,6 +695,25 @@ impl Engine for ModelEngine {
                 ))
             }
         };
+        let reserved = ids.len() + max_tokens as usize;
+        if let Some(kv) = self.kv.as_mut() {
+            match kv.fits(reserved) {
+                Fit::Now => {
+                    kv.reserve(reserved);
+                }
+                Fit::Later => return Err(StartError::NoRoom),
+                Fit::Never => {
+                    return Err(StartError::Invalid(
+                        InvalidTask::ContextLengthExceeded,
+                        format!(
+                            "the prompt ({} tokens) and max_tokens ({max_tokens}) need {reserved} positions of KV cache, and this instance holds at most {} for all its tasks together: lower max_tokens, shorten the prompt, or create the instance with a larger kv_cache_mb",
+                            ids.len(),
+                            kv.capacity(),
+                        ),
+                    ))
+                }
+            }
+        }
         let prompt_tokens = ids.len() as u32;
         // A task that reports its prompt needs every position's logits: it
         // neither reuses nor keeps a prefix.
@@ -724,6 +773,7 @@ impl Engine for ModelEngine {
             reuse,
             keep,
             cached,
+            reserved,
         };
         Ok((task, prompt_tokens))
     }
@@ -763,6 +813,9 @@ impl Engine for ModelEngine {
     }
 
     fn end_task(&mut self, task: ModelTask) {
+        if let Some(kv) = self.kv.as_mut() {
+            kv.release(task.reserved);
+        }
         if let (Some((entry, _)), Some(index)) = (task.reuse, self.prefix.as_mut()) {
             // It ended before its first step: the entry is free to go.
             index.unpin(entry);

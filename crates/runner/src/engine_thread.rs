@@ -239,24 +239,17 @@ fn engine_thread<E: Engine>(
         }
         // Waiting tasks: a cancel reaches them; once a task has left since
         // the first found no room, they start in order while room lasts.
-        let mut still = VecDeque::with_capacity(waiting.len());
-        for (request, cancel) in waiting.drain(..) {
-            let code = cancel.load(Ordering::Acquire);
-            if code == CANCEL_NONE {
-                still.push_back((request, cancel));
-                continue;
+        if !waiting.is_empty() {
+            let mut still = VecDeque::with_capacity(waiting.len());
+            for (request, cancel) in waiting.drain(..) {
+                match cancel.load(Ordering::Acquire) {
+                    CANCEL_NONE => still.push_back((request, cancel)),
+                    code if !send(cancelled(request.task_id, code)) => return Ok(()),
+                    _ => {}
+                }
             }
-            let done = EngineEvent::TaskDone {
-                task_id: request.task_id,
-                outcome: TaskOutcome::Cancelled {
-                    reason: cancel_reason(code).into(),
-                },
-            };
-            if !send(done) {
-                return Ok(());
-            }
+            waiting = still;
         }
-        waiting = still;
         let started = started_now(&idle, &flights);
         if started < blocked_at || (started == 0 && !waiting.is_empty()) {
             while let Some((request, cancel)) = waiting.pop_front() {
@@ -302,13 +295,7 @@ fn engine_thread<E: Engine>(
                 continue;
             }
             engine.end_task(a.task);
-            let done = EngineEvent::TaskDone {
-                task_id: a.task_id,
-                outcome: TaskOutcome::Cancelled {
-                    reason: cancel_reason(cancel).into(),
-                },
-            };
-            if !send(done) {
+            if !send(cancelled(a.task_id, cancel)) {
                 return Ok(());
             }
         }
@@ -359,6 +346,16 @@ fn engine_thread<E: Engine>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// The outcome of a task whose cancel flag says `code`.
+fn cancelled(task_id: String, code: u8) -> EngineEvent {
+    EngineEvent::TaskDone {
+        task_id,
+        outcome: TaskOutcome::Cancelled {
+            reason: cancel_reason(code).into(),
+        },
     }
 }
 

@@ -91,13 +91,13 @@ impl KvBudget {
         }
     }
 
-    /// Reserves `positions` if they fit now.
-    pub fn reserve(&mut self, positions: usize) -> bool {
-        let fits = self.fits(positions) == Fit::Now;
-        if fits {
+    /// Reserves `positions` if they fit now; says whether they did.
+    pub fn reserve(&mut self, positions: usize) -> Fit {
+        let fit = self.fits(positions);
+        if fit == Fit::Now {
             self.reserved += positions;
         }
-        fits
+        fit
     }
 
     /// Gives back a reservation.
@@ -114,11 +114,15 @@ mod tests {
     #[test]
     fn reservations_never_exceed_the_capacity() {
         let mut b = KvBudget::new(100);
-        assert!(b.reserve(60));
+        assert_eq!(b.reserve(60), Fit::Now);
         assert_eq!(b.fits(40), Fit::Now);
         assert_eq!(b.fits(41), Fit::Later);
-        assert!(!b.reserve(41), "a refused reservation takes nothing");
-        assert!(b.reserve(40));
+        assert_eq!(
+            b.reserve(41),
+            Fit::Later,
+            "a refused reservation takes nothing"
+        );
+        assert_eq!(b.reserve(40), Fit::Now);
         assert_eq!(b.fits(1), Fit::Later);
         b.release(60);
         assert_eq!(b.fits(60), Fit::Now);
@@ -129,7 +133,7 @@ mod tests {
     fn a_task_larger_than_the_whole_budget_never_fits() {
         let mut b = KvBudget::new(100);
         assert_eq!(b.fits(101), Fit::Never);
-        assert!(!b.reserve(101));
+        assert_eq!(b.reserve(101), Fit::Never);
         assert_eq!(b.fits(100), Fit::Now);
     }
 

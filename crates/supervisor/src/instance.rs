@@ -497,6 +497,7 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         restart_at: None,
         last_shutdown: None,
         delete_requested: false,
+        // Each generation starts its own (`spawn_generation`).
         startup: Startup::new(0, Budgets::from(&Timeouts::default()), Instant::now()),
         echo: EchoHold::default(),
         recurs: false,

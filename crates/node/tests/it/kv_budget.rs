@@ -97,10 +97,10 @@ async fn tasks_beyond_the_kv_budget_wait_their_turn_and_a_task_that_never_fits_i
         message.contains("positions of KV cache") && message.contains("at most 682"),
         "{message}"
     );
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     // And the instance serves on.
     let end = read_chat(node.chat(&tight, "after", 8, true).await).await;
     assert!(end.errors.is_empty(), "{end:?}");
-    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     for id in [&roomy, &tight] {
         let (status, report) = node.call("DELETE", &format!("/instance/{id}"), None).await;
         assert_eq!(status, 200, "{report}");

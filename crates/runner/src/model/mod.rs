@@ -697,10 +697,8 @@ impl Engine for ModelEngine {
         };
         let reserved = ids.len() + max_tokens as usize;
         if let Some(kv) = self.kv.as_mut() {
-            match kv.fits(reserved) {
-                Fit::Now => {
-                    kv.reserve(reserved);
-                }
+            match kv.reserve(reserved) {
+                Fit::Now => {}
                 Fit::Later => return Err(StartError::NoRoom),
                 Fit::Never => {
                     return Err(StartError::Invalid(

@@ -205,6 +205,12 @@ pub enum FromRunner {
         /// computed; `None` when the engine keeps no prefixes.
         cached_tokens: Option<u32>,
     },
+    /// Rank 0 holds the task until the instance's KV budget has room for
+    /// it beside the running ones (`runner::kv_budget`); `TaskStarted`
+    /// follows when it starts, or `TaskDone` when it is cancelled first.
+    TaskAwaitsRoom {
+        task_id: String,
+    },
     /// A chunk of the prompt was processed (long prompts are prefilled in
     /// chunks, each reported, so that a long prompt is never taken for a
     /// stall).
@@ -456,6 +462,9 @@ mod tests {
             task_id: "t".into(),
             prompt_tokens: 7,
             cached_tokens: Some(4),
+        });
+        msgs.push(FromRunner::TaskAwaitsRoom {
+            task_id: "t".into(),
         });
         msgs.push(FromRunner::Stepping { tasks: 3 });
         msgs.push(FromRunner::TaskProgress {

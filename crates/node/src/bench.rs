@@ -19,6 +19,7 @@ use crate::node::{CreateInstance, Node};
 
 pub mod cluster;
 pub mod load;
+mod profile;
 
 fn fast_instance(runners: u32) -> CreateInstance {
     let scripted = runner::scripted::ScriptedConfig {

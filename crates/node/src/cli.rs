@@ -237,6 +237,11 @@ pub enum BenchWhat {
         /// leaves that table out.
         #[arg(long, default_value_t = 1000)]
         long_prompt: usize,
+        /// Clients of the round whose ranks' time is broken down (compute,
+        /// all-reduce, data plane, context switches); 0 leaves that table
+        /// out.
+        #[arg(long, default_value_t = 8)]
+        profile_clients: usize,
     },
     /// create → chat → delete cycles (a soak).
     Cycles {
@@ -449,6 +454,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             clients,
             max_tokens,
             long_prompt,
+            profile_clients,
         } => {
             let options = crate::bench::load::LoadBench {
                 path: model,
@@ -457,6 +463,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 clients,
                 max_tokens,
                 long_prompt,
+                profile_clients,
             };
             on_embedded_node(async |node| crate::bench::load::run(node, &options).await).await
         }
@@ -746,11 +753,12 @@ async fn status(args: RemoteArgs, inspect: bool) -> anyhow::Result<()> {
     }
     for instance in list {
         println!(
-            "\ninstance {}  model {}  state {}  tasks {} running, {} waiting (max {} + {})  restarts {}",
+            "\ninstance {}  model {}  state {}  tasks {} running, {} awaiting KV room, {} waiting (max {} + {})  restarts {}",
             instance["instance_id"].as_str().unwrap_or("?"),
             instance["model"].as_str().unwrap_or("?"),
             instance["state"]["state"].as_str().unwrap_or("?"),
             instance["tasks_running"],
+            instance["tasks_awaiting_kv"],
             instance["tasks_waiting"],
             instance["limits"]["max_running"],
             instance["limits"]["max_waiting"],

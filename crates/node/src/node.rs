@@ -639,6 +639,11 @@ impl Node {
             .collect()
     }
 
+    /// Where the runners' log files are.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.ctx.state_dir.logs_dir()
+    }
+
     pub fn state(&self) -> NodeState {
         NodeState {
             node: NodeInfo {

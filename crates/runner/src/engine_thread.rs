@@ -78,6 +78,10 @@ pub(crate) enum EngineEvent {
         tokens: Vec<Blob>,
         logprobs: Vec<TokenLogprob>,
     },
+    /// A task waits for KV room (`Engine::start` found none).
+    AwaitsRoom {
+        task_id: String,
+    },
     /// A chunk of a task's prompt was prefilled.
     Prefilled {
         task_id: String,
@@ -211,8 +215,11 @@ fn engine_thread<E: Engine>(
             }),
             Some(EngineCmd::Start(request, cancel)) if !waiting.is_empty() => {
                 tracing::info!(task = %request.task_id, waiting = waiting.len(), "task waits for KV cache room behind others");
+                let awaits = EngineEvent::AwaitsRoom {
+                    task_id: request.task_id.clone(),
+                };
                 waiting.push_back((request, cancel));
-                true
+                send(awaits)
             }
             Some(EngineCmd::Start(request, cancel)) => {
                 match try_start(&mut engine, request, cancel) {
@@ -223,8 +230,11 @@ fn engine_thread<E: Engine>(
                     Tried::NoRoom(request, cancel) => {
                         tracing::info!(task = %request.task_id, "task waits for KV cache room");
                         blocked_at = started_now(&idle, &flights);
+                        let awaits = EngineEvent::AwaitsRoom {
+                            task_id: request.task_id.clone(),
+                        };
                         waiting.push_back((request, cancel));
-                        true
+                        send(awaits)
                     }
                     Tried::Refused(done) => send(done),
                 }

@@ -286,6 +286,9 @@ impl Runner {
                 }
                 _ => {}
             },
+            EngineEvent::AwaitsRoom { task_id } => {
+                self.send(FromRunner::TaskAwaitsRoom { task_id }).await
+            }
             EngineEvent::Started {
                 task_id,
                 prompt_tokens,

@@ -222,8 +222,11 @@ pub struct InstanceView {
     pub runners: Vec<RunnerView>,
     /// Every admitted task without an outcome yet: running and waiting.
     pub tasks_in_flight: usize,
-    /// Tasks on the runners.
+    /// Tasks in the runners' batch.
     pub tasks_running: usize,
+    /// Tasks on the runners that rank 0 holds until its KV budget has room
+    /// for them (counted against the running bound, not as running).
+    pub tasks_awaiting_kv: usize,
     /// Tasks waiting at the node for a running one to leave.
     pub tasks_waiting: usize,
     pub limits: Limits,
@@ -460,6 +463,7 @@ pub fn start(ctx: Arc<SupervisorContext>, spec: InstanceSpec) -> InstanceHandle 
         runners: Vec::new(),
         tasks_in_flight: 0,
         tasks_running: 0,
+        tasks_awaiting_kv: 0,
         tasks_waiting: 0,
         limits: spec.limits,
         prefix_cache: PrefixCounts::default(),
@@ -663,6 +667,7 @@ impl Actor {
             runners,
             tasks_in_flight: self.tasks.len(),
             tasks_running: self.tasks.running(),
+            tasks_awaiting_kv: self.tasks.awaiting_room(),
             tasks_waiting: self.tasks.waiting(),
             limits: self.tasks.limits(),
             prefix_cache: self.prefix_cache,
@@ -1079,6 +1084,7 @@ impl Actor {
         let now = Instant::now();
         if let RunnerEvent::Message(
             FromRunner::TaskStarted { .. }
+            | FromRunner::TaskAwaitsRoom { .. }
             | FromRunner::TaskProgress { .. }
             | FromRunner::Stepping { .. }
             | FromRunner::Prompt { .. }
@@ -1091,6 +1097,11 @@ impl Actor {
         }
         if let RunnerEvent::Message(FromRunner::TaskStarted { task_id, .. }) = &event {
             self.tasks.on_started(task_id, rank);
+        }
+        if let RunnerEvent::Message(FromRunner::TaskAwaitsRoom { task_id }) = &event {
+            if rank == 0 {
+                self.tasks.on_awaits_room(task_id);
+            }
         }
         match event {
             RunnerEvent::Message(FromRunner::Hello { data_addr }) => {
@@ -1127,9 +1138,11 @@ impl Actor {
                 self.deliver(&task_id, TaskEvent::Prompt { tokens, logprobs })
                     .await
             }
-            // Progress only (the stall clock, above).
+            // Progress only (the stall clock, above); a wait for KV room
+            // is in the task table (above).
             RunnerEvent::Message(
-                FromRunner::TaskStarted { .. }
+                FromRunner::TaskAwaitsRoom { .. }
+                | FromRunner::TaskStarted { .. }
                 | FromRunner::TaskProgress { .. }
                 | FromRunner::Stepping { .. }
                 | FromRunner::Prompt { .. },

@@ -18,6 +18,10 @@
 //!   waiting, failure, shutdown) goes through it.
 //! * **A waiting task never reached a runner**: cancelling or failing it
 //!   needs no runner, and a runner's stall clock does not count it.
+//! * **A running task that awaits KV room** (rank 0 said so and has not
+//!   started it) is on the runners and counts against `max_running`, but
+//!   is shown apart ([`TaskTable::awaiting_room`]) so that `running` means
+//!   in the batch.
 //! * **The decisive outcome** of a running task is rank 0's, unless another
 //!   rank failed or cancelled it; a failure is never overwritten.
 
@@ -74,6 +78,8 @@ pub struct Running<S> {
     /// the primary failure (the peer's death), whose message names the
     /// runner, phase and cause; it is delivered as is if none comes.
     pub held_until: Option<Instant>,
+    /// Rank 0 holds it until the KV budget has room; cleared when it starts.
+    pub awaits_room: bool,
 }
 
 #[derive(Debug)]
@@ -119,8 +125,14 @@ impl<S> TaskTable<S> {
         self.limits
     }
 
+    /// Tasks in the batch (on the runners, not awaiting KV room).
     pub fn running(&self) -> usize {
-        self.running.len()
+        self.running.len() - self.awaiting_room()
+    }
+
+    /// Tasks rank 0 holds until the KV budget has room for them.
+    pub fn awaiting_room(&self) -> usize {
+        self.running.values().filter(|t| t.awaits_room).count()
     }
 
     pub fn waiting(&self) -> usize {
@@ -195,6 +207,7 @@ impl<S> TaskTable<S> {
             held: self.takes.iter().map(|t| !t).collect(),
             outcome: None,
             held_until: None,
+            awaits_room: false,
         };
         self.running.insert(w.task_id, entry);
         Some(w.request)
@@ -258,12 +271,24 @@ impl<S> TaskTable<S> {
 
     /// Rank `rank` reports it started `task_id`: it holds the task.
     pub fn on_started(&mut self, task_id: &str, rank: usize) {
-        if let Some(held) = self
-            .running
-            .get_mut(task_id)
-            .and_then(|t| t.held.get_mut(rank))
-        {
-            *held = true;
+        if let Some(task) = self.running.get_mut(task_id) {
+            if let Some(held) = task.held.get_mut(rank) {
+                *held = true;
+            }
+            if rank == 0 {
+                task.awaits_room = false;
+            }
+        }
+    }
+
+    /// Rank 0 holds `task_id` until the KV budget has room for it (it holds
+    /// the task: a report of waiting is a report of holding).
+    pub fn on_awaits_room(&mut self, task_id: &str) {
+        if let Some(task) = self.running.get_mut(task_id) {
+            if let Some(held) = task.held.get_mut(0) {
+                *held = true;
+            }
+            task.awaits_room = true;
         }
     }
 
@@ -404,6 +429,33 @@ mod tests {
         assert!(t.next_to_run().is_none(), "the runners are full again");
         t.admit(req("t7"), "sink").unwrap();
         assert_eq!((t.running(), t.waiting()), (2, 4));
+    }
+
+    #[test]
+    fn a_task_awaiting_kv_room_counts_against_the_bound_but_not_as_running() {
+        let mut t = table(2, 1, 2);
+        for i in 0..3 {
+            t.admit(req(&format!("t{i}")), "s").unwrap();
+            t.next_to_run();
+        }
+        t.on_started("t0", 0);
+        t.on_awaits_room("t1");
+        assert_eq!((t.running(), t.awaiting_room(), t.waiting()), (1, 1, 1));
+        assert!(
+            t.admit(req("t3"), "s").is_err(),
+            "awaiting room holds a slot"
+        );
+        assert!(!t.all_held(&[false; 2]), "rank 1 has not seen t0 or t1");
+        t.on_started("t0", 1);
+        t.on_started("t1", 1);
+        assert!(
+            t.all_held(&[false; 2]),
+            "rank 0 holds the task it awaits room for"
+        );
+        // Another rank's start does not end the wait; rank 0's does.
+        assert_eq!(t.awaiting_room(), 1);
+        t.on_started("t1", 0);
+        assert_eq!((t.running(), t.awaiting_room()), (2, 0));
     }
 
     #[test]

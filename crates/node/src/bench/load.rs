@@ -34,10 +34,12 @@ pub struct LoadBench {
     pub max_tokens: u32,
     /// Tokens of the long prompt of the prefill table (0: no table).
     pub long_prompt: usize,
+    /// Clients of the profile table's round (0: no table).
+    pub profile_clients: usize,
 }
 
 /// When one client's tokens came.
-struct Stream {
+pub(super) struct Stream {
     submitted: Instant,
     prompt_tokens: u32,
     cached_tokens: u32,
@@ -46,7 +48,7 @@ struct Stream {
 }
 
 /// Streams one chat to its end, noting when each token came.
-async fn stream(
+pub(super) async fn stream(
     handle: InstanceHandle,
     prompt: String,
     max_tokens: u32,
@@ -85,9 +87,34 @@ async fn stream_task(handle: InstanceHandle, submit: TaskSubmit) -> anyhow::Resu
     Ok(out)
 }
 
+/// `n` clients at once, each its own prompt (`client_prompt`), tagged
+/// `{tag}-{i}`: every client's stream.
+pub(super) async fn round(
+    handle: &InstanceHandle,
+    n: usize,
+    max_tokens: u32,
+    tag: &str,
+) -> anyhow::Result<Vec<Stream>> {
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::spawn(stream(
+                handle.clone(),
+                client_prompt(i),
+                max_tokens,
+                format!("{tag}-{i}"),
+            ))
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for c in clients {
+        streams.push(c.await.context("client task")??);
+    }
+    Ok(streams)
+}
+
 /// Client `i`'s prompt: the same request with its own number, so no two
 /// clients send the same text.
-fn client_prompt(i: usize) -> String {
+pub(super) fn client_prompt(i: usize) -> String {
     format!("{BENCH_PROMPT} Make it story number {}.", i + 1)
 }
 
@@ -109,6 +136,24 @@ fn parse_entry(entry: &str) -> anyhow::Result<(String, u32, runner::model::Shard
     Ok((layout.to_string(), runners, sharding, threads))
 }
 
+/// The instance every table of a layout runs on.
+fn request_for(
+    options: &LoadBench,
+    runners: u32,
+    sharding: runner::model::Sharding,
+    threads: u32,
+) -> CreateInstance {
+    CreateInstance {
+        sharding: Some(sharding),
+        weights: Some(options.weights),
+        threads: Some(threads),
+        // Every client runs at once, and so do the long prompt table's 4
+        // streams and its long prompt (none waits in the queue).
+        max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(5) as u32),
+        ..instance_request(options.path.clone(), runners)
+    }
+}
+
 pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
     let entries = options
         .layouts
@@ -127,16 +172,7 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
     let mut prefill_rows = Vec::new();
     let mut prefix_rows = Vec::new();
     for (layout, runners, sharding, threads) in &entries {
-        let request = CreateInstance {
-            sharding: Some(*sharding),
-            weights: Some(options.weights),
-            threads: Some(*threads),
-            // Every client runs at once, and so do the long prompt table's
-            // 4 streams and its long prompt (none waits in the queue).
-            max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(5) as u32),
-            ..instance_request(options.path.clone(), *runners)
-        };
-        let handle = node.create_instance(request)?;
+        let handle = node.create_instance(request_for(options, *runners, *sharding, *threads))?;
         if let Err(cause) = handle.wait_ready().await {
             bail!("instance failed: {cause}");
         }
@@ -151,20 +187,7 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
         let (mut one_client, mut one_decode) = (None, None);
         for &n in &options.clients {
             let started = Instant::now();
-            let clients: Vec<_> = (0..n)
-                .map(|i| {
-                    tokio::spawn(stream(
-                        handle.clone(),
-                        client_prompt(i),
-                        options.max_tokens,
-                        format!("bench-load-{n}-{i}"),
-                    ))
-                })
-                .collect();
-            let mut streams = Vec::new();
-            for c in clients {
-                streams.push(c.await.context("client task")??);
-            }
+            let streams = round(&handle, n, options.max_tokens, &format!("bench-load-{n}")).await?;
             let wall = started.elapsed().as_secs_f64();
             let total: u32 = streams.iter().map(|s| s.completion_tokens).sum();
             let aggregate = total as f64 / wall;
@@ -211,16 +234,37 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
         node.delete_instance(&handle.instance_id, ShutdownMode::Drain, None)
             .await?;
     }
+    if options.profile_clients > 0 {
+        println!();
+        println!(
+            "Where each rank's time goes, {} clients on a fresh instance (shares of the round's wall time):",
+            options.profile_clients
+        );
+        println!();
+        super::profile::print_header();
+        for (layout, runners, sharding, threads) in &entries {
+            let request = request_for(options, *runners, *sharding, *threads);
+            let n = options.profile_clients;
+            let (rows, wall) = super::profile::profile(node, options, request, n).await?;
+            super::profile::print_rows(layout, *threads, n, &rows, wall);
+        }
+    }
     if !prefill_rows.is_empty() {
         println!();
         println!("4 streams decoding while a long prompt is admitted:");
         println!();
-        println!("| layout | threads/runner | long prompt tokens | ITL p99 before ms | ITL p99 during its prefill ms | ratio | its TTFT s |");
-        println!("|---|---|---|---|---|---|---|");
-        for (layout, threads, (tokens, before, during, ttft)) in prefill_rows {
+        println!("| layout | threads/runner | long prompt tokens | ITL p99 before ms | ITL p50 during its prefill ms | ITL p99 during its prefill ms | ratio of p99s | its prompt tokens a step | its TTFT s |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for (layout, threads, p) in prefill_rows {
             println!(
-                "| {layout} | {threads} | {tokens} | {before:.1} | {during:.1} | {:.2}x | {ttft:.1} |",
-                during / before
+                "| {layout} | {threads} | {} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.1} |",
+                p.tokens,
+                p.before_p99,
+                p.during_p50,
+                p.during_p99,
+                p.during_p99 / p.before_p99,
+                p.tokens_a_step,
+                p.ttft
             );
         }
         println!();
@@ -276,13 +320,26 @@ async fn prefix_reuse(
     ))
 }
 
-/// The long prompt's tokens, the p99 inter-token latency of 4 streams
-/// before it arrives and while it is prefilled, and its time to first
-/// token.
+/// A long prompt admitted while 4 streams decode.
+struct Prefill {
+    tokens: u32,
+    /// The streams' inter-token latency before it arrived (ms).
+    before_p99: f64,
+    /// ... and while it was prefilled.
+    during_p50: f64,
+    during_p99: f64,
+    /// Its prompt tokens over the steps it took.
+    tokens_a_step: f64,
+    /// Its time to first token (s).
+    ttft: f64,
+}
+
+/// The long prompt's tokens, the inter-token latency of 4 streams before
+/// it arrives and while it is prefilled, and its time to first token.
 async fn prefill_interference(
     handle: &InstanceHandle,
     options: &LoadBench,
-) -> anyhow::Result<(u32, f64, f64, f64)> {
+) -> anyhow::Result<Prefill> {
     let clients: Vec<_> = (0..4)
         .map(|i| {
             tokio::spawn(stream(
@@ -326,10 +383,16 @@ async fn prefill_interference(
             during.len()
         );
     }
-    Ok((
-        long.prompt_tokens,
-        stats(before).p99,
-        stats(during).p99,
-        (long_first - long_start).as_secs_f64(),
-    ))
+    // Steps while it was prefilled: each stream's gaps in that window.
+    let steps = during.len() as f64 / streams.len() as f64;
+    let tokens_a_step = long.prompt_tokens as f64 / steps.max(1.0);
+    let during = stats(during);
+    Ok(Prefill {
+        tokens: long.prompt_tokens,
+        before_p99: stats(before).p99,
+        during_p50: during.median,
+        during_p99: during.p99,
+        tokens_a_step,
+        ttft: (long_first - long_start).as_secs_f64(),
+    })
 }

@@ -667,18 +667,30 @@ pub fn spawn_chat(
 
 /// Waits until the instance runs `running` tasks and queues `waiting`.
 pub async fn wait_counts(node: &TestNode, id: &str, running: u64, waiting: u64) -> Value {
-    watchdog(
+    wait_view(
+        node,
+        id,
         &format!("{running} running and {waiting} waiting"),
-        Duration::from_secs(60),
-        async {
-            loop {
-                let v = node.instance(id).await;
-                if v["tasks_running"] == running && v["tasks_waiting"] == waiting {
-                    return v;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        },
+        |v| v["tasks_running"] == running && v["tasks_waiting"] == waiting,
     )
+    .await
+}
+
+/// Polls the instance's `/state` view until `done` holds (at most 60 s).
+pub async fn wait_view(
+    node: &TestNode,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    watchdog(what, Duration::from_secs(60), async {
+        loop {
+            let v = node.instance(id).await;
+            if done(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
     .await
 }

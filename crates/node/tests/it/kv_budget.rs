@@ -107,3 +107,64 @@ async fn tasks_beyond_the_kv_budget_wait_their_turn_and_a_task_that_never_fits_i
     }
     node.assert_quiet();
 }
+
+/// Polls `/state` until the instance has `running` tasks in its batch and
+/// `awaiting` held by rank 0 for KV room.
+async fn wait_kv_counts(node: &TestNode, id: &str, running: u64, awaiting: u64) -> Value {
+    wait_view(
+        node,
+        id,
+        &format!("{running} running and {awaiting} awaiting KV room"),
+        |v| v["tasks_running"] == running && v["tasks_awaiting_kv"] == awaiting,
+    )
+    .await
+}
+
+/// A task held for KV room shows as `tasks_awaiting_kv` (not running, not
+/// waiting at the node); when its client goes away it leaves rank 0's
+/// queue without ever starting, the running task answers as alone, and
+/// the next task is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_awaiting_kv_room_is_shown_and_leaves_when_its_client_goes() {
+    let Some(model) = crate::model::smollm2() else {
+        return;
+    };
+    let node = TestNode::start("kv-await");
+    // SmolLM2 holds 30 layers × 3 kv heads × 64 × 2 × 4 bytes = 46,080
+    // bytes a position: 10 MiB is 227 positions. The long chat (~35 prompt
+    // tokens + 150) fits alone; the short one (+ 60) does not beside it.
+    let id = create_ready(
+        &node,
+        json!({"model": model, "weights": "q8_0", "kv_cache_mb": 10}),
+    )
+    .await;
+    const LONG_PROMPT: &str = "Write a long story about a dragon who learns to cook.";
+    let alone = read_chat(node.chat(&id, LONG_PROMPT, 150, true).await).await;
+    assert!(alone.errors.is_empty(), "{alone:?}");
+
+    let long = spawn_chat(&node, &id, LONG_PROMPT, 150);
+    wait_kv_counts(&node, &id, 1, 0).await;
+    let held = spawn_chat(&node, &id, "hi", 60);
+    let v = wait_kv_counts(&node, &id, 1, 1).await;
+    assert_eq!(v["tasks_waiting"], 0, "it reached the runner: {v}");
+    assert_eq!(v["tasks_in_flight"], 2, "{v}");
+    held.abort();
+    let _ = held.await;
+    let v = wait_kv_counts(&node, &id, 1, 0).await;
+    assert_eq!(v["tasks_in_flight"], 1, "the held task left the table: {v}");
+    let end = watchdog("the long chat", LONG, long)
+        .await
+        .expect("client task");
+    assert_eq!(end.terminal_outcomes(), 1, "{end:?}");
+    assert_eq!(end.text, alone.text, "the running task is untouched");
+    let v = wait_kv_counts(&node, &id, 0, 0).await;
+    assert_eq!(v["tasks_in_flight"], 0, "{v}");
+    // It was held at rank 0, not refused.
+    assert!(runner_log_lines(&node, &id, "waits for KV cache room") >= 1);
+    let next = read_chat(node.chat(&id, "hi", 20, true).await).await;
+    assert!(next.errors.is_empty(), "{next:?}");
+    assert_eq!(next.terminal_outcomes(), 1, "{next:?}");
+    let (status, report) = node.call("DELETE", &format!("/instance/{id}"), None).await;
+    assert_eq!(status, 200, "{report}");
+    node.assert_quiet();
+}

@@ -61,6 +61,7 @@ use crate::kv_budget::{self, Fit, KvBudget};
 use crate::links::{self, Link, LinkMsg, ScoreTargets};
 use crate::prefix::{PrefixIndex, PrefixStore, Reuse};
 
+mod clock;
 mod stage;
 mod step;
 
@@ -172,6 +173,8 @@ pub struct ModelEngine {
     store: PrefixStore,
     /// Rank 0's KV budget of the running tasks (set at load).
     kv: Option<KvBudget>,
+    /// Where rank 0's time goes (logged at release).
+    clock: clock::RankClock,
 }
 
 pub struct ModelTask {
@@ -291,6 +294,7 @@ impl ModelEngine {
             prefix: None,
             store: PrefixStore::default(),
             kv: None,
+            clock: clock::RankClock::default(),
         })
     }
 
@@ -837,6 +841,11 @@ impl Engine for ModelEngine {
 
     fn release(&mut self) -> Result<(), EngineError> {
         let handle = self.handle.clone();
+        if self.server.is_none() {
+            if let Some(shard) = &self.shard {
+                self.clock.log(self.rank, &shard.spec().layers);
+            }
+        }
         if let Some(server) = self.server.take() {
             // A stage: its server ends once its upstream ended (front to back).
             return match server.join() {

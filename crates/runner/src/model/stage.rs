@@ -22,6 +22,7 @@ use engine::EngineError;
 use ipc::Blob;
 use tokio::runtime::Handle;
 
+use super::clock::{timed, RankClock};
 use super::{compute, sampler_for, split_scores, EngineNotice, Topology};
 use crate::links::{Keep, Link, LinkEnd, LinkMsg, SeqDone, SeqMeta, SeqResult};
 use crate::prefix::{PrefixStore, Reuse};
@@ -31,21 +32,32 @@ pub(super) enum StarAllReduce<'a> {
     Root {
         handle: &'a Handle,
         links: &'a mut [Link],
+        clock: &'a mut RankClock,
     },
     Leaf {
         handle: &'a Handle,
         link: &'a mut Link,
+        clock: &'a mut RankClock,
     },
 }
 
 impl AllReduce for StarAllReduce<'_> {
     fn all_reduce_sum(&mut self, partial: &Tensor) -> engine::Result<Tensor> {
         match self {
-            StarAllReduce::Root { handle, links } => {
+            StarAllReduce::Root {
+                handle,
+                links,
+                clock,
+            } => {
+                clock.reduces += 1;
                 let mut sum = partial.clone();
                 for link in links.iter_mut() {
-                    match link.expect(handle)? {
-                        LinkMsg::Partial { data } => sum = (sum + tensor_from_bytes(&data.0)?)?,
+                    match timed(&mut clock.reduce_wait, || link.expect(handle))? {
+                        LinkMsg::Partial { data } => {
+                            sum = timed(&mut clock.reduce_codec, || {
+                                tensor_from_bytes(&data.0).and_then(|p| Ok((sum + p)?))
+                            })?
+                        }
                         other => {
                             return Err(EngineError::Link(format!(
                                 "expected a partial sum from rank {}, got {other:?}",
@@ -54,26 +66,35 @@ impl AllReduce for StarAllReduce<'_> {
                         }
                     }
                 }
-                let bytes = tensor_to_bytes(&sum)?;
+                let bytes = timed(&mut clock.reduce_codec, || tensor_to_bytes(&sum))?;
+                clock.reduce_bytes += (bytes.len() * links.len()) as u64;
                 for link in links.iter() {
-                    link.send(
-                        handle,
-                        LinkMsg::Reduced {
-                            data: Blob(bytes.clone()),
-                        },
-                    )?;
+                    timed(&mut clock.reduce_send, || {
+                        link.send(
+                            handle,
+                            LinkMsg::Reduced {
+                                data: Blob(bytes.clone()),
+                            },
+                        )
+                    })?;
                 }
                 Ok(sum)
             }
-            StarAllReduce::Leaf { handle, link } => {
-                link.send(
-                    handle,
-                    LinkMsg::Partial {
-                        data: Blob(tensor_to_bytes(partial)?),
-                    },
-                )?;
-                match link.expect(handle)? {
-                    LinkMsg::Reduced { data } => Ok(tensor_from_bytes(&data.0)?),
+            StarAllReduce::Leaf {
+                handle,
+                link,
+                clock,
+            } => {
+                clock.reduces += 1;
+                let bytes = timed(&mut clock.reduce_codec, || tensor_to_bytes(partial))?;
+                clock.reduce_bytes += bytes.len() as u64;
+                timed(&mut clock.reduce_send, || {
+                    link.send(handle, LinkMsg::Partial { data: Blob(bytes) })
+                })?;
+                match timed(&mut clock.reduce_wait, || link.expect(handle))? {
+                    LinkMsg::Reduced { data } => Ok(timed(&mut clock.reduce_codec, || {
+                        tensor_from_bytes(&data.0)
+                    })?),
                     other => Err(EngineError::Link(format!(
                         "expected the reduced sum from rank 0, got {other:?}"
                     ))),
@@ -175,11 +196,13 @@ fn pipeline_stage(
     let last = shard.spec().layers.end == shard.config().n_layers;
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
     let mut store = PrefixStore::default();
+    let mut clock = RankClock::default();
     loop {
-        let msg = match prev.recv(handle) {
+        let msg = match timed(&mut clock.link_wait, || prev.recv(handle)) {
             Ok(msg) => msg,
             Err(LinkEnd::Ended) => {
                 next.close(handle);
+                clock.log(prev.peer_rank + 1, &shard.spec().layers);
                 return Ok(());
             }
             Err(LinkEnd::Lost(detail)) => return Err(EngineError::Link(detail)),
@@ -190,7 +213,8 @@ fn pipeline_stage(
                 let ids = seqs.iter().map(|m| (m.task_id.clone(), m.reuse));
                 match take_tasks(shard, &mut tasks, &store, ids) {
                     Ok(mut taken) => {
-                        let answer = pipeline_step(shard, last, &seqs, data, &mut taken);
+                        let answer =
+                            pipeline_step(shard, last, &seqs, data, &mut taken, &mut clock);
                         tasks.extend(taken);
                         answer
                     }
@@ -224,7 +248,7 @@ fn pipeline_stage(
                 )))
             }
         };
-        next.send(handle, forwarded)?;
+        timed(&mut clock.link_send, || next.send(handle, forwarded))?;
     }
 }
 
@@ -236,7 +260,9 @@ fn pipeline_step(
     seqs: &[SeqMeta],
     data: Blob,
     taken: &mut [(String, StageTask)],
+    clock: &mut RankClock,
 ) -> LinkMsg {
+    clock.steps += 1;
     let layers = &shard.spec().layers;
     let failed = |e: &dyn std::fmt::Display| LinkMsg::Failed {
         cause: format!(
@@ -257,22 +283,26 @@ fn pipeline_step(
             },
         })
         .collect();
-    let result = tensor_from_bytes(&data.0).and_then(|hidden| {
-        shard.forward_batch(
-            StageInput::Hidden(hidden),
-            &mut steps,
-            &mut engine::model::NoAllReduce,
-        )
+    let result = timed(&mut clock.link_codec, || tensor_from_bytes(&data.0)).and_then(|hidden| {
+        timed(&mut clock.forward, || {
+            shard.forward_batch(
+                StageInput::Hidden(hidden),
+                &mut steps,
+                &mut engine::model::NoAllReduce,
+            )
+        })
     });
     drop(steps);
     match result {
-        Ok(BatchOutput::Hidden(hidden)) if !last => match tensor_to_bytes(&hidden) {
-            Ok(bytes) => LinkMsg::Activations {
-                seqs: seqs.to_vec(),
-                data: Blob(bytes),
-            },
-            Err(e) => failed(&e),
-        },
+        Ok(BatchOutput::Hidden(hidden)) if !last => {
+            match timed(&mut clock.link_codec, || tensor_to_bytes(&hidden)) {
+                Ok(bytes) => LinkMsg::Activations {
+                    seqs: seqs.to_vec(),
+                    data: Blob(bytes),
+                },
+                Err(e) => failed(&e),
+            }
+        }
         Ok(BatchOutput::Logits(logits)) if last => {
             let results = logits
                 .into_iter()
@@ -312,9 +342,11 @@ fn tensor_stage(
 ) -> Result<(), EngineError> {
     let mut tasks: HashMap<String, StageTask> = HashMap::new();
     let mut store = PrefixStore::default();
+    let mut clock = RankClock::default();
     loop {
-        match link.recv(handle) {
+        match timed(&mut clock.link_wait, || link.recv(handle)) {
             Ok(LinkMsg::TpStep { seqs, tokens }) => {
+                clock.steps += 1;
                 notify(EngineNotice::StageStep);
                 let ids = seqs.iter().map(|s| (s.task_id.clone(), s.reuse));
                 // Rank 0 would wait for this rank's partials: it cannot go
@@ -332,10 +364,13 @@ fn tensor_stage(
                 let mut reduce = StarAllReduce::Leaf {
                     handle,
                     link: &mut link,
+                    clock: &mut clock,
                 };
                 // A rank that cannot take part in the sums cannot go on:
                 // rank 0 would wait for its partials.
+                let started = std::time::Instant::now();
                 shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)?;
+                clock.forward += started.elapsed();
                 drop(steps);
                 tasks.extend(taken);
             }
@@ -352,6 +387,7 @@ fn tensor_stage(
             }
             Err(LinkEnd::Ended) => {
                 link.close(handle);
+                clock.log(shard.spec().tp_rank as u32, &shard.spec().layers);
                 return Ok(());
             }
             Err(LinkEnd::Lost(detail)) => return Err(EngineError::Link(detail)),

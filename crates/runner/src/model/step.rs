@@ -6,11 +6,12 @@
 //!   finish, a prompt report, the token sampled with the prompt's last
 //!   chunk); otherwise it takes its next prompt chunk or its last token.
 //! * A step's prompt tokens are bounded by the step budget
-//!   (`prefill::StepBudget`) beside the sequences that decode in it, and
-//!   each prompt by its own chunk; every task in the batch moves on. Cuts
-//!   between a prompt's steps fall on whole attention blocks (unless the
-//!   instance names a `prefill_chunk` that is not), so its answer does
-//!   not depend on what else was running.
+//!   (`prefill::StepBudget`, measured on rank 0's own part of each step,
+//!   which no other lane's work inflates) beside the sequences that decode
+//!   in it and in the other lanes, and each prompt by its own chunk; every
+//!   task in the batch moves on. Cuts between a prompt's steps fall on
+//!   whole attention blocks (unless the instance names a `prefill_chunk`
+//!   that is not), so its answer does not depend on what else was running.
 //! * A forward that fails fails the tasks that took part in it, with its
 //!   cause; tasks decided without it keep their results. A sampler that
 //!   fails fails its own task only.
@@ -27,6 +28,7 @@ use engine::EngineError;
 use ipc::proto::PromptReport;
 use ipc::Blob;
 
+use super::clock::timed;
 use super::stage::StarAllReduce;
 use super::{compute, split_scores, ModelEngine, ModelTask, Topology};
 use crate::engine::Step;
@@ -57,6 +59,9 @@ pub(super) enum Flight {
 /// A step in flight, for the budget's measurements.
 pub(super) struct InFlight {
     started: Instant,
+    /// Rank 0's own part of the step: its forward pass (and, alone or
+    /// tensor parallel, the sampling).
+    forward: std::time::Duration,
     decoding: usize,
     prefill: usize,
 }
@@ -142,12 +147,15 @@ impl ModelEngine {
                 outcome: None,
             });
         }
+        let forward_started = Instant::now();
+        let forwarded = self.forward_batch(batch);
         self.in_flight.push_back(InFlight {
             started,
+            forward: forward_started.elapsed(),
             decoding,
             prefill,
         });
-        if let Err(e) = self.forward_batch(batch) {
+        if let Err(e) = forwarded {
             // The error as it is: a broken link stays a link error.
             for task in batch.iter_mut() {
                 if let Some(outcome) = forward_outcome(task) {
@@ -227,10 +235,12 @@ impl ModelEngine {
                 _ => None,
             })
             .collect();
+        let clock = &mut self.clock;
+        clock.steps += 1;
         let output = match self.topology.as_mut() {
-            Some(Topology::Alone) | None => {
-                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut NoAllReduce)?
-            }
+            Some(Topology::Alone) | None => timed(&mut clock.forward, || {
+                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut NoAllReduce)
+            })?,
             Some(Topology::Star { links }) => {
                 let seqs: Vec<TpSeq> = metas
                     .iter()
@@ -242,23 +252,33 @@ impl ModelEngine {
                     })
                     .collect();
                 for link in links.iter() {
-                    link.send(
-                        &handle,
-                        LinkMsg::TpStep {
-                            seqs: seqs.clone(),
-                            tokens: tokens.clone(),
-                        },
-                    )?;
+                    timed(&mut clock.link_send, || {
+                        link.send(
+                            &handle,
+                            LinkMsg::TpStep {
+                                seqs: seqs.clone(),
+                                tokens: tokens.clone(),
+                            },
+                        )
+                    })?;
                 }
+                let started = Instant::now();
                 let mut reduce = StarAllReduce::Root {
                     handle: &handle,
                     links,
+                    clock: &mut *clock,
                 };
-                shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)?
+                let output =
+                    shard.forward_batch(StageInput::Tokens(tokens), &mut steps, &mut reduce)?;
+                clock.forward += started.elapsed();
+                output
             }
             Some(Topology::Ring { next, .. }) => {
                 let input = StageInput::Tokens(tokens);
-                let hidden = match shard.forward_batch(input, &mut steps, &mut NoAllReduce)? {
+                let output = timed(&mut clock.forward, || {
+                    shard.forward_batch(input, &mut steps, &mut NoAllReduce)
+                })?;
+                let hidden = match output {
                     BatchOutput::Hidden(h) => h,
                     BatchOutput::Logits(_) => {
                         return Err(compute("the first stage of a pipeline produced logits"))
@@ -270,8 +290,10 @@ impl ModelEngine {
                         task.pos += n;
                     }
                 }
-                let data = Blob(tensor_to_bytes(&hidden)?);
-                next.send(&handle, LinkMsg::Activations { seqs: metas, data })?;
+                let data = Blob(timed(&mut clock.link_codec, || tensor_to_bytes(&hidden))?);
+                timed(&mut clock.link_send, || {
+                    next.send(&handle, LinkMsg::Activations { seqs: metas, data })
+                })?;
                 return Ok(());
             }
         };
@@ -319,8 +341,14 @@ impl ModelEngine {
             self.receive_results(batch);
         }
         if let Some(step) = self.in_flight.pop_front() {
+            // The budget measures rank 0's own part of each step: from
+            // launch to land a pipeline's step also waits for the other
+            // lanes at every stage, so a lane's prefill would count as the
+            // decode cost of the others and grow their prefill share in
+            // turn (a long prompt then froze the streams for seconds).
+            self.budget
+                .observe(step.decoding, step.prefill, step.forward);
             let took = step.started.elapsed();
-            self.budget.observe(step.decoding, step.prefill, took);
             if self.args.prefill_chunk.is_none() {
                 for task in batch.iter_mut() {
                     if let Some(Flight::Forward { n, last: false, .. }) = &task.flight {
@@ -391,7 +419,9 @@ impl ModelEngine {
     fn receive_results(&mut self, batch: &mut [&mut ModelTask]) {
         let handle = self.handle.clone();
         let msg = match self.topology.as_mut() {
-            Some(Topology::Ring { prev, .. }) => prev.expect(&handle),
+            Some(Topology::Ring { prev, .. }) => {
+                timed(&mut self.clock.link_wait, || prev.expect(&handle))
+            }
             _ => Err(compute("a step is in flight without a pipeline")),
         };
         let mut results = match msg {

@@ -102,9 +102,35 @@ async fn start(
     plan: &Plan,
     kind: Kind,
 ) -> Result<(Vec<(Choice, TaskStream)>, Vec<Option<TaskOutcome>>), ApiError> {
+    let tasks = plan.tasks();
+    // More tasks than the instance runs and queues together would get a
+    // 429 on every retry: that is the request's fault, a 400.
+    let limits = handle.view().limits;
+    let capacity = limits.max_running + limits.max_waiting;
+    if tasks.len() > capacity {
+        let param = if plan.prompts.len() > 1 {
+            "prompt"
+        } else {
+            "n"
+        };
+        return Err(ApiFailure::invalid(
+            param,
+            "invalid_value",
+            format!(
+                "this request needs {} tasks ({} prompt(s) x n = {}), but instance {} runs at most {} (max_batch) and queues {} (max_waiting): ask for fewer choices or prompts at a time",
+                tasks.len(),
+                plan.prompts.len(),
+                plan.n,
+                handle.instance_id,
+                limits.max_running,
+                limits.max_waiting
+            ),
+        )
+        .into());
+    }
     let trace_id = format!("{:016x}", fastrand::u64(..));
     let mut streams = Vec::new();
-    for (index, input, sampling) in plan.tasks() {
+    for (index, input, sampling) in tasks {
         let task = handle
             .submit(TaskSubmit {
                 input,

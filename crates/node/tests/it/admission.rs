@@ -171,3 +171,45 @@ async fn a_drain_delete_finishes_running_and_queued_tasks() {
 async fn a_cancel_delete_cancels_running_and_queued_tasks() {
     delete_with_running_and_queued_tasks("cancel").await;
 }
+
+/// A request with more choices than the instance runs and queues together
+/// could never be admitted: a 400 naming `n` and the limits, not a 429 that
+/// every retry gets again; one that fits is served whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_batch_and_queue_together_is_a_400() {
+    let node = TestNode::start("admission-n");
+    let id = node
+        .create(json!({
+            "model": "scripted",
+            "runners": 1,
+            "max_batch": 2,
+            "max_waiting": 1,
+        }))
+        .await;
+    node.wait_state(&id, &["ready"], LONG).await;
+    let chat = |n: u32| {
+        json!({"model": id, "messages": [{"role": "user", "content": "hi"}],
+               "max_tokens": 4, "n": n})
+    };
+    let (status, v) = node
+        .call("POST", "/v1/chat/completions", Some(chat(4)))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "n", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("needs 4 tasks") && message.contains("at most 2 (max_batch) and queues 1"),
+        "{message}"
+    );
+    let v = node.instance(&id).await;
+    assert_eq!(v["tasks_in_flight"], 0, "nothing of it was admitted: {v}");
+    // Three choices: two run, one waits, all answer.
+    let (status, v) = node
+        .call("POST", "/v1/chat/completions", Some(chat(3)))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(3), "{v}");
+    node.delete(&id, "").await;
+    node.assert_quiet();
+}

@@ -12,6 +12,8 @@ real runner processes, N streaming clients at once). The two alternate
 round by round so that load from elsewhere on the machine hits both alike;
 the table holds medians over the rounds.
 
+    # llama.cpp built for this CPU (CI's wheel is portable, AVX2 only):
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36
     cargo build --release
     python3 scripts/bench-llama-cpp-batched.py --threads 2 --clients 1,2,4,8,16 --rounds 3
 

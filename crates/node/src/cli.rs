@@ -218,7 +218,8 @@ pub enum BenchWhat {
         #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
         model: String,
         /// Layouts with their compute threads per runner, comma-separated
-        /// `layout:threads` (layout: single, pipeline-N, tensor-N).
+        /// `layout:threads` (layout: single, pipeline-N, tensor-N); a
+        /// pipeline may name where its later stages begin, `pipeline-2:1@19`.
         #[arg(
             long,
             default_value = "single:2,single:1,pipeline-2:1,tensor-3:1",

@@ -27,7 +27,7 @@ use crate::node::{CreateInstance, Node};
 
 pub struct LoadBench {
     pub path: String,
-    /// `layout:threads`, e.g. `pipeline-2:1`.
+    /// `layout:threads`, e.g. `pipeline-2:1` or `pipeline-2:1@19`.
     pub layouts: Vec<String>,
     pub weights: WeightFormat,
     pub clients: Vec<usize>,
@@ -125,32 +125,72 @@ fn gaps(tokens: &[Instant]) -> Vec<f64> {
         .collect()
 }
 
-fn parse_entry(entry: &str) -> anyhow::Result<(String, u32, runner::model::Sharding, u32)> {
-    let (layout, threads) = entry
+/// One layout of the bench: `layout:threads`, and for a pipeline
+/// optionally `@B1/B2/…`, the layers where stages after the first begin
+/// (e.g. `pipeline-2:1@19`: layers 0..19 and 19..30).
+struct Entry {
+    label: String,
+    runners: u32,
+    sharding: runner::model::Sharding,
+    threads: u32,
+    layers: Option<Vec<[usize; 2]>>,
+}
+
+fn parse_entry(entry: &str, n_layers: impl Fn() -> anyhow::Result<usize>) -> anyhow::Result<Entry> {
+    let (layout, rest) = entry
         .split_once(':')
         .with_context(|| format!("{entry:?}: use layout:threads, e.g. pipeline-2:1"))?;
+    let (threads, bounds) = match rest.split_once('@') {
+        Some((t, b)) => (t, Some(b)),
+        None => (rest, None),
+    };
     let threads: u32 = threads
         .parse()
         .with_context(|| format!("{entry:?}: threads must be a number"))?;
     let (runners, sharding) = parse_layout(layout)?;
-    Ok((layout.to_string(), runners, sharding, threads))
+    let layers = match bounds {
+        None => None,
+        Some(b) => {
+            let mut starts = vec![0usize];
+            for part in b.split('/') {
+                starts.push(part.parse().with_context(|| {
+                    format!("{entry:?}: stage boundaries are layer numbers, e.g. pipeline-2:1@19")
+                })?);
+            }
+            if starts.len() != runners as usize {
+                bail!(
+                    "{entry:?}: {runners} stages need {} boundaries",
+                    runners - 1
+                );
+            }
+            starts.push(n_layers()?);
+            Some(starts.windows(2).map(|w| [w[0], w[1]]).collect())
+        }
+    };
+    let label = match bounds {
+        Some(b) => format!("{layout}@{b}"),
+        None => layout.to_string(),
+    };
+    Ok(Entry {
+        label,
+        runners,
+        sharding,
+        threads,
+        layers,
+    })
 }
 
 /// The instance every table of a layout runs on.
-fn request_for(
-    options: &LoadBench,
-    runners: u32,
-    sharding: runner::model::Sharding,
-    threads: u32,
-) -> CreateInstance {
+fn request_for(options: &LoadBench, entry: &Entry) -> CreateInstance {
     CreateInstance {
-        sharding: Some(sharding),
+        sharding: Some(entry.sharding),
+        layers: entry.layers.clone(),
         weights: Some(options.weights),
-        threads: Some(threads),
+        threads: Some(entry.threads),
         // Every client runs at once, and so do the long prompt table's 4
         // streams and its long prompt (none waits in the queue).
         max_batch: Some(options.clients.iter().copied().max().unwrap_or(1).max(5) as u32),
-        ..instance_request(options.path.clone(), runners)
+        ..instance_request(options.path.clone(), entry.runners)
     }
 }
 
@@ -158,7 +198,12 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
     let entries = options
         .layouts
         .iter()
-        .map(|e| parse_entry(e))
+        .map(|e| {
+            parse_entry(e, || {
+                let config = engine::loader::read_config(std::path::Path::new(&options.path))?;
+                Ok(config.n_layers)
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     println!(
         "{} as {}, {} tokens per client; aggregate = every client's tokens / the round's wall time",
@@ -171,8 +216,9 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut prefill_rows = Vec::new();
     let mut prefix_rows = Vec::new();
-    for (layout, runners, sharding, threads) in &entries {
-        let handle = node.create_instance(request_for(options, *runners, *sharding, *threads))?;
+    for entry in &entries {
+        let (layout, threads) = (&entry.label, entry.threads);
+        let handle = node.create_instance(request_for(options, entry))?;
         if let Err(cause) = handle.wait_ready().await {
             bail!("instance failed: {cause}");
         }
@@ -222,12 +268,12 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
         if options.long_prompt > 0 {
             prefill_rows.push((
                 layout.clone(),
-                *threads,
+                threads,
                 prefill_interference(&handle, options).await?,
             ));
             prefix_rows.push((
                 layout.clone(),
-                *threads,
+                threads,
                 prefix_reuse(&handle, options).await?,
             ));
         }
@@ -242,11 +288,11 @@ pub async fn run(node: &Arc<Node>, options: &LoadBench) -> anyhow::Result<()> {
         );
         println!();
         super::profile::print_header();
-        for (layout, runners, sharding, threads) in &entries {
-            let request = request_for(options, *runners, *sharding, *threads);
+        for entry in &entries {
             let n = options.profile_clients;
+            let request = request_for(options, entry);
             let (rows, wall) = super::profile::profile(node, options, request, n).await?;
-            super::profile::print_rows(layout, *threads, n, &rows, wall);
+            super::profile::print_rows(&entry.label, entry.threads, n, &rows, wall);
         }
     }
     if !prefill_rows.is_empty() {
@@ -395,4 +441,32 @@ async fn prefill_interference(
         tokens_a_step,
         ttft: (long_first - long_start).as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_may_name_where_its_pipeline_stages_begin() {
+        let thirty = || Ok(30);
+        let plain = parse_entry("pipeline-2:1", thirty).unwrap();
+        assert_eq!(
+            (plain.label.as_str(), plain.runners, plain.threads),
+            ("pipeline-2", 2, 1)
+        );
+        assert_eq!(plain.layers, None);
+        let split = parse_entry("pipeline-2:1@19", thirty).unwrap();
+        assert_eq!(split.label, "pipeline-2@19");
+        assert_eq!(split.layers, Some(vec![[0, 19], [19, 30]]));
+        let three = parse_entry("pipeline-3:1@12/22", thirty).unwrap();
+        assert_eq!(three.layers, Some(vec![[0, 12], [12, 22], [22, 30]]));
+        let err = parse_entry("pipeline-3:1@12", thirty).err().unwrap();
+        assert!(
+            err.to_string().contains("3 stages need 2 boundaries"),
+            "{err}"
+        );
+        assert!(parse_entry("pipeline-2:1@x", thirty).is_err());
+        assert!(parse_entry("single", thirty).is_err());
+    }
 }

@@ -12,10 +12,15 @@
 //! * pipeline-2 gives exactly single's tokens;
 //! * the logits of the prompt's last position differ from llama.cpp's by
 //!   no more than [`NOISE_FACTOR`] times llama.cpp's own batched-versus-
-//!   sequential difference on that prompt: quantized activations make every
-//!   engine's logits move by about a logit (max over the vocabulary) when
-//!   only the order of its sums changes, since a value that crosses a
-//!   rounding boundary moves by a whole quantum and 30 layers carry it on.
+//!   sequential difference on that file (the largest over its prompts):
+//!   quantized activations make every engine's logits move by about a
+//!   logit (max over the vocabulary) when only the order of its sums
+//!   changes, since a value that crosses a rounding boundary moves by a
+//!   whole quantum and 30 layers carry it on. The file's largest, not the
+//!   prompt's own: on some CPUs llama.cpp's two paths happen to compute one
+//!   prompt alike (an AMD EPYC's Q8_0 gave 0.000 on the haiku prompt and
+//!   0.969 on the first), which says nothing about how far another order
+//!   of the same sums moves it.
 //!
 //! Printed, not held: the greedy agreement (tokens until the first
 //! difference, and llama.cpp's top-two gap there), beside llama.cpp's
@@ -175,6 +180,11 @@ fn smollm2_requantized_answers_like_llama_cpp() {
             .iter()
             .map(|spec| load(path, spec))
             .collect();
+        let spread = file
+            .prompts
+            .iter()
+            .map(|p| p.self_diff)
+            .fold(0f32, f32::max);
         for (prompt, expected) in PROMPTS.iter().zip(&file.prompts) {
             let n = expected.greedy.len();
             let (logits, tokens) = greedy(&single, &expected.ids, n);
@@ -207,10 +217,9 @@ fn smollm2_requantized_answers_like_llama_cpp() {
                 at(self_gap),
             );
             assert!(
-                diff <= NOISE_FACTOR * expected.self_diff,
-                "{} {prompt:?}: our logits are {diff} from llama.cpp's, more than {NOISE_FACTOR} × llama.cpp's own {} spread",
+                diff <= NOISE_FACTOR * spread,
+                "{} {prompt:?}: our logits are {diff} from llama.cpp's, more than {NOISE_FACTOR} × llama.cpp's own {spread} spread on this file",
                 file.ftype,
-                expected.self_diff
             );
         }
     }

@@ -215,11 +215,7 @@ fn engine_thread<E: Engine>(
             }),
             Some(EngineCmd::Start(request, cancel)) if !waiting.is_empty() => {
                 tracing::info!(task = %request.task_id, waiting = waiting.len(), "task waits for KV cache room behind others");
-                let awaits = EngineEvent::AwaitsRoom {
-                    task_id: request.task_id.clone(),
-                };
-                waiting.push_back((request, cancel));
-                send(awaits)
+                send(hold(&mut waiting, request, cancel))
             }
             Some(EngineCmd::Start(request, cancel)) => {
                 match try_start(&mut engine, request, cancel) {
@@ -230,11 +226,7 @@ fn engine_thread<E: Engine>(
                     Tried::NoRoom(request, cancel) => {
                         tracing::info!(task = %request.task_id, "task waits for KV cache room");
                         blocked_at = started_now(&idle, &flights);
-                        let awaits = EngineEvent::AwaitsRoom {
-                            task_id: request.task_id.clone(),
-                        };
-                        waiting.push_back((request, cancel));
-                        send(awaits)
+                        send(hold(&mut waiting, request, cancel))
                     }
                     Tried::Refused(done) => send(done),
                 }
@@ -367,6 +359,19 @@ fn cancelled(task_id: String, code: u8) -> EngineEvent {
             reason: cancel_reason(code).into(),
         },
     }
+}
+
+/// Queues a task that found no KV room; the event that tells the node.
+fn hold(
+    waiting: &mut VecDeque<(TaskRequest, Arc<AtomicU8>)>,
+    request: TaskRequest,
+    cancel: Arc<AtomicU8>,
+) -> EngineEvent {
+    let awaits = EngineEvent::AwaitsRoom {
+        task_id: request.task_id.clone(),
+    };
+    waiting.push_back((request, cancel));
+    awaits
 }
 
 /// Tasks started and not yet ended: idle or in a batch in flight.

@@ -14,9 +14,8 @@
 
 use std::time::{Duration, Instant};
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RankClock {
-    born: Instant,
     pub steps: u64,
     pub forward: Duration,
     /// All-reduces taken part in and the bytes this rank sent for them.
@@ -31,24 +30,6 @@ pub struct RankClock {
     pub link_wait: Duration,
     pub link_codec: Duration,
     pub link_send: Duration,
-}
-
-impl Default for RankClock {
-    fn default() -> Self {
-        RankClock {
-            born: Instant::now(),
-            steps: 0,
-            forward: Duration::ZERO,
-            reduces: 0,
-            reduce_bytes: 0,
-            reduce_wait: Duration::ZERO,
-            reduce_codec: Duration::ZERO,
-            reduce_send: Duration::ZERO,
-            link_wait: Duration::ZERO,
-            link_codec: Duration::ZERO,
-            link_send: Duration::ZERO,
-        }
-    }
 }
 
 /// Runs `f`, adding its wall time to `slot`.
@@ -79,7 +60,6 @@ impl RankClock {
             rank,
             layers = %format!("{}..{}", layers.start, layers.end),
             steps = self.steps,
-            life_ms = ms(self.born.elapsed()),
             forward_ms = ms(self.forward),
             compute_ms = ms(self.compute()),
             reduces = self.reduces,
